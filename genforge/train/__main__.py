@@ -1,0 +1,63 @@
+"""Command line: `python -m genforge.train RECIPE [--resume] [--max-steps N] [--output-dir D]`.
+
+Works unchanged under `accelerate launch -m genforge.train ...`. Built-in methods register
+themselves when the registry first looks a name up (it imports `genforge.methods`).
+`--set KEY=VALUE` overrides any recipe key (dotted, value parsed as YAML), e.g.
+`--set train.lr=1e-4`. Configuration and checkpoint problems exit with status 2 and a
+one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+from accelerate import PartialState
+
+from genforge.config import ConfigError, load_recipe
+from genforge.train.checkpoint import CheckpointError
+from genforge.train.loop import train
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m genforge.train",
+                                     description="Train a recipe with the genforge loop.")
+    parser.add_argument("recipe", help="YAML recipe file")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint (error if there is none)")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue from the latest checkpoint if there is one")
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    args = parser.parse_args(argv)
+
+    overrides = dict(args.set)
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+        result = train(recipe, resume="auto" if args.auto_resume else args.resume)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print(f"done: {result.steps} steps, final loss {result.final_loss}, "
+              f"output in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

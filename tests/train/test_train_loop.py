@@ -1,0 +1,134 @@
+"""The training loop: loss falls, resume is exact, accumulation is a bigger batch, budgets hold.
+
+The toy method regresses a fixed random smooth target with a small MLP; it perturbs the
+inputs with noise from torch's global RNG, so a resume that failed to restore the RNG (or
+the data order) would change the weights.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from genforge.config import check_known_keys, recipe_from_dict
+from genforge.train import CheckpointError, Method, list_checkpoints, register_method, train
+
+TOY = "toy_regression_train_loop_tests"
+
+
+@register_method(TOY)
+class ToyRegression(Method):
+    def validate_model_config(self, model_cfg):
+        check_known_keys(model_cfg, ["hidden", "noise_std"], "model", "toy recipe")
+
+    def build_model(self):
+        hidden = self.recipe.model.get("hidden", 16)
+        return torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(),
+                                   torch.nn.Linear(hidden, 2))
+
+    def train_dataset(self):
+        gen = torch.Generator().manual_seed(1234)
+        x = torch.randn(40, 4, generator=gen)
+        y = torch.sin(0.5 * x @ torch.randn(4, 2, generator=gen))
+        return torch.utils.data.TensorDataset(x, y)
+
+    def training_step(self, model, batch):
+        x, y = batch
+        noise_std = self.recipe.model.get("noise_std", 0.1)
+        if noise_std:
+            x = x + noise_std * torch.randn_like(x)
+        loss = F.mse_loss(model(x), y)
+        return loss, {"mse": loss.detach()}
+
+    def on_train_end(self, ema_model, accelerator, output_dir):
+        x, y = self.train_dataset().tensors
+        with torch.no_grad():
+            return {"ema_mse": F.mse_loss(ema_model(x), y).item()}
+
+
+def make_recipe(output_dir, batch_size=6, model=None, **train):
+    settings = {"max_steps": 10, "lr": 1e-2, "log_every": 5, "checkpoint_every": 100,
+                "ema_decay": 0.9, **train}
+    return recipe_from_dict({"method": TOY, "seed": 7, "output_dir": str(output_dir),
+                             "data": {"batch_size": batch_size}, "model": model or {},
+                             "train": settings}, source="test recipe")
+
+
+def final_weights(output_dir):
+    return (load_file(str(output_dir / "model" / "model.safetensors")),
+            load_file(str(output_dir / "ema" / "model.safetensors")))
+
+
+def test_loss_falls_and_run_dir_records_everything(tmp_path):
+    result = train(make_recipe(tmp_path, batch_size=8, max_steps=60, log_every=10))
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert all(r["images_per_s"] > 0 and "mse" in r for r in rows)
+    assert result.steps == 60 and isinstance(result.final_loss, float)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == result.metrics
+    assert result.metrics["ema_mse"] < rows[0]["loss"]
+    assert (tmp_path / "recipe.yaml").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000060"]
+
+
+def test_resume_after_kill_is_bitwise_identical_to_uninterrupted_run(tmp_path):
+    # 40 items / batch 6 -> 6 micro-batches per epoch; grad_accum 2 -> 3 steps per epoch.
+    # The kill lands mid-epoch (after step 4 = micro-batch 8) and the run crosses epochs.
+    common = dict(grad_accum=2, warmup_steps=3, weight_decay=0.01, grad_clip=1.0,
+                  checkpoint_every=4, keep_checkpoints=3)
+    straight = train(make_recipe(tmp_path / "straight", max_steps=10, **common))
+
+    killed_dir = tmp_path / "killed"
+    train(make_recipe(killed_dir, max_steps=7, **common))
+    assert [p.name for p in list_checkpoints(killed_dir)] == ["step_0000004", "step_0000007"]
+    for lost in list_checkpoints(killed_dir)[1:]:  # the kill came after checkpoint 4
+        for f in lost.iterdir():
+            f.unlink()
+        lost.rmdir()
+    resumed = train(make_recipe(killed_dir, max_steps=10, **common), resume=True)
+
+    assert resumed.resumed_from == 4 and resumed.steps == straight.steps == 10
+    assert resumed.final_loss == straight.final_loss
+    model_a, ema_a = final_weights(tmp_path / "straight")
+    model_b, ema_b = final_weights(killed_dir)
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+        assert torch.equal(ema_a[name], ema_b[name]), name
+    assert not all(torch.equal(model_a[n], ema_a[n]) for n in model_a)
+    log_lines = (killed_dir / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log_lines]
+    assert steps == [5, 10]  # the killed run's lines after step 4 were dropped
+
+
+def test_two_micro_batches_of_b_equal_one_batch_of_2b(tmp_path):
+    kwargs = dict(max_steps=3, warmup_steps=1, model={"noise_std": 0.0})
+    train(make_recipe(tmp_path / "big", batch_size=8, grad_accum=1, **kwargs))
+    train(make_recipe(tmp_path / "accum", batch_size=4, grad_accum=2, **kwargs))
+    model_a, ema_a = final_weights(tmp_path / "big")
+    model_b, ema_b = final_weights(tmp_path / "accum")
+    for name in model_a:
+        torch.testing.assert_close(model_a[name], model_b[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ema_a[name], ema_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_wall_time_budget_stops_and_checkpoints(tmp_path):
+    result = train(make_recipe(tmp_path, max_steps=1000, max_minutes=0.0))
+    assert result.stopped_by_time and result.steps == 1
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found in"):
+        train(make_recipe(tmp_path), resume=True)
+
+
+def test_fresh_run_refuses_to_mix_with_an_existing_run_but_auto_resume_continues(tmp_path):
+    train(make_recipe(tmp_path, max_steps=2))
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(make_recipe(tmp_path, max_steps=4))
+    result = train(make_recipe(tmp_path, max_steps=4), resume="auto")
+    assert result.resumed_from == 2 and result.steps == 4
+    assert train(make_recipe(tmp_path / "new", max_steps=1), resume="auto").resumed_from is None
