@@ -1,0 +1,96 @@
+"""Datasets for genforge: the bundled digits, image folders and CIFAR-format files.
+
+Every dataset yields ``(image, label)`` with ``image`` a float32 ``(C, H, W)`` tensor in
+``[-1, 1]`` and ``label`` an int, and carries ``.num_classes``, ``.channels`` and
+``.image_size`` (square side). :func:`build_dataset` is the one entry point recipes use;
+its registry is explicit and registering a name twice is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+from genforge.data.cifar import CIFARDataset, RestrictedUnpickler, safe_load_pickle
+from genforge.data.digits import DigitsDataset
+from genforge.data.folder import ImageFolderDataset
+from genforge.data.transforms import check_resize_mode
+
+__all__ = [
+    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "RestrictedUnpickler",
+    "build_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
+]
+
+DatasetBuilder = Callable[..., Dataset]
+_REGISTRY: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str, builder: DatasetBuilder) -> None:
+    """Register ``builder(split=, root=, image_size=, resize=, channels=)`` under ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"dataset {name!r} is already registered")
+    _REGISTRY[name] = builder
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_dataset(name: str, *, split: str = "train", root: str | None = None,
+                  image_size: int | None = None, resize: str = "pad",
+                  channels: int | None = None) -> Dataset:
+    """Build the dataset registered as ``name``.
+
+    ``image_size=None`` keeps the native size (8 for digits, 32 for CIFAR); ``resize``
+    (``"pad"`` or ``"resize"``) says how datasets with a native size reach ``image_size``.
+    Image folders have no native size: they need ``image_size`` and are always resized and
+    center-cropped. ``channels=None`` keeps the dataset's own (1 for digits, 3 otherwise).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {dataset_names()}")
+    check_resize_mode(resize)
+    return _REGISTRY[name](split=split, root=root, image_size=image_size, resize=resize,
+                           channels=channels)
+
+
+def _no_root(name: str, root: str | None) -> None:
+    if root is not None:
+        raise ValueError(f"dataset {name!r} is bundled and takes no root (got root={root!r})")
+
+
+def _need_root(name: str, root: str | None) -> str:
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs root=<path to its files>")
+    return root
+
+
+def _build_digits(*, split, root, image_size, resize, channels):
+    _no_root("digits", root)
+    return DigitsDataset(split=split, image_size=image_size or 8, resize=resize,
+                         channels=channels or 1)
+
+
+def _build_image_folder(*, split, root, image_size, resize, channels):
+    root = _need_root("image_folder", root)
+    if image_size is None:
+        raise ValueError("dataset 'image_folder' needs image_size (its images have no common size)")
+    if split != "train":
+        raise ValueError(f"dataset 'image_folder' has no splits (got split={split!r}); "
+                         "point root at the folder of the split you want")
+    return ImageFolderDataset(root, image_size=image_size, channels=channels or 3)
+
+
+def _cifar_builder(num_classes: int) -> DatasetBuilder:
+    def build(*, split, root, image_size, resize, channels):
+        root = _need_root(f"cifar{num_classes}", root)
+        return CIFARDataset(root, split=split, num_classes=num_classes, image_size=image_size,
+                            resize=resize, channels=channels or 3)
+    return build
+
+
+register_dataset("digits", _build_digits)
+register_dataset("image_folder", _build_image_folder)
+register_dataset("cifar10", _cifar_builder(10))
+register_dataset("cifar100", _cifar_builder(100))

@@ -1,0 +1,183 @@
+"""Class-conditional epsilon-prediction diffusion as training-loop methods.
+
+One method class trains any class-conditional noise predictor with the DDPM objective
+(Ho et al. 2020, Eq. 14: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, y) ||^2)
+and classifier-free-guidance label dropout (Ho & Salimans 2022). Registered variants differ
+only in their network and loss:
+
+- ``dimr``: :class:`genforge.models.dimr.DiMRModel` with DiMR's multi-scale loss (Eq. 3),
+  the no-weight-decay group for TD-norm gates, and the official scaled-linear schedule;
+- ``dit``: the adaLN-Zero baseline :class:`genforge.models.dit.DiTModel`;
+- ``unet2d``: diffusers' ``UNet2DModel`` with a class-embedding table, the model a user would
+  pick instead.
+
+The recipe's ``model:`` section holds ``config`` (a named network config), ``args``
+(constructor overrides), ``class_dropout`` and the noise schedule (``beta_schedule``,
+``beta_start``, ``beta_end``). At the end of training the EMA network is sampled into a
+per-class grid and scored (FID on digits-CNN features through torch-fidelity, and
+classifier agreement) by :mod:`genforge.methods.sampling`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from genforge.config import ConfigError, check_known_keys
+from genforge.core.embed import drop_labels
+from genforge.core.norm import split_no_decay_parameters
+from genforge.data import build_dataset
+from genforge.methods.sampling import evaluate_class_conditional
+from genforge.models.dimr import DiMRModel, dimr_config, multiscale_loss
+from genforge.models.dit import DiTModel
+from genforge.train import Method, register_method
+
+MODEL_KEYS = {"config", "args", "class_dropout", "beta_schedule", "beta_start", "beta_end"}
+SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+DIT_CONFIGS = {
+    "tiny": {"in_channels": 4, "sample_size": 8, "num_classes": 10, "patch_size": 2, "dim": 32, "depth": 2,
+             "num_heads": 4},
+    "digits": {"in_channels": 1, "sample_size": 8, "num_classes": 10, "patch_size": 1, "dim": 128, "depth": 4,
+               "num_heads": 4, "mlp_ratio": 3.5},
+    "XL/2": {"in_channels": 4, "sample_size": 32, "num_classes": 1000, "patch_size": 2, "dim": 1152, "depth": 28,
+             "num_heads": 16},
+}
+"""Named DiT configs; ``digits`` (1.21M parameters) matches DiMR's digits config (1.19M)."""
+UNET_CONFIGS = {
+    "tiny": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
+             "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 16, "num_class_embeds": 11},
+    "digits": {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [48, 80],
+               "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+               "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 16, "num_class_embeds": 11},
+}
+"""Named UNet2DModel configs; ``digits`` (1.20M parameters) matches DiMR's digits config."""
+
+
+class ClassConditionalDiffusion(Method):
+    """DDPM epsilon-prediction training of a class-conditional network (one of the variants)."""
+
+    model_class: type = None
+    named_configs: dict[str, dict] = {}
+    default_schedule = "linear"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.validate_model_config(recipe.model)
+        self.options = {"class_dropout": 0.1, "beta_schedule": self.default_schedule, "beta_start": None,
+                        "beta_end": None, **recipe.model}
+        self.noise_scheduler = self._noise_scheduler()
+
+    def _source(self) -> str:
+        return f"recipe for method {self.name!r}"
+
+    def validate_model_config(self, model_cfg: dict) -> None:
+        check_known_keys(model_cfg, sorted(MODEL_KEYS), "model", self._source())
+        name = model_cfg.get("config", "digits")
+        if name not in self.named_configs:
+            raise ConfigError(f"{self._source()}: model.config {name!r} is not one of {sorted(self.named_configs)}")
+        args = model_cfg.get("args", {})
+        if not isinstance(args, dict):
+            raise ConfigError(f"{self._source()}: model.args must be a mapping, got {type(args).__name__}")
+        accepted = [p for p in inspect.signature(self.model_class.__init__).parameters if p != "self"]
+        check_known_keys(args, accepted, "model.args", self._source())
+        schedule = model_cfg.get("beta_schedule", self.default_schedule)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"{self._source()}: model.beta_schedule {schedule!r} is not one of {list(SCHEDULES)}")
+        dropout = model_cfg.get("class_dropout", 0.1)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"{self._source()}: model.class_dropout must be in [0, 1), got {dropout!r}")
+
+    def _noise_scheduler(self) -> DDPMScheduler:
+        schedule = self.options["beta_schedule"]
+        kwargs = {"num_train_timesteps": 1000, "beta_schedule": schedule, "prediction_type": "epsilon",
+                  "clip_sample": False}
+        if schedule == "scaled_linear":
+            kwargs.update(beta_start=0.00085, beta_end=0.012)
+        for key in ("beta_start", "beta_end"):
+            if self.options[key] is not None:
+                kwargs[key] = float(self.options[key])
+        return DDPMScheduler(**kwargs)
+
+    def network_config(self) -> dict:
+        config = copy.deepcopy(self.named_configs[self.options.get("config", "digits")])
+        return {**config, **copy.deepcopy(self.options.get("args", {}))}
+
+    def build_model(self) -> torch.nn.Module:
+        return self.model_class(**self.network_config())
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        data = self.recipe.data
+        dataset = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
+                                resize=data.resize, channels=data.channels)
+        config = self.network_config()
+        size, channels = config["sample_size"], config["in_channels"]
+        if dataset.image_size != size or dataset.channels != channels:
+            raise ConfigError(f"{self._source()}: data gives {dataset.channels}x{dataset.image_size}x"
+                              f"{dataset.image_size} images but the model expects {channels}x{size}x{size}")
+        return dataset
+
+    def null_class(self, model) -> int:
+        return model.null_class
+
+    def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
+        return model(noisy, timesteps, class_labels=labels)
+
+    def loss(self, model, output, noise: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output.sample.float(), noise.float())
+
+    def training_step(self, model, batch) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
+        unwrapped = getattr(model, "module", model)
+        labels = drop_labels(labels, self.options["class_dropout"], self.null_class(unwrapped))
+        noise = torch.randn_like(images)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],),
+                                  device=images.device)
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        loss = self.loss(unwrapped, self.predict(model, noisy, timesteps, labels), noise)
+        return loss, {}
+
+    def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
+        if not accelerator.is_main_process:
+            return {}
+        return evaluate_class_conditional(ema_model, self.noise_scheduler, self.recipe, Path(output_dir))
+
+
+@register_method("dimr")
+class DiMRMethod(ClassConditionalDiffusion):
+    """DiMR (arXiv 2406.09416): multi-scale epsilon loss, TD-norm gates without weight decay."""
+
+    model_class = DiMRModel
+    named_configs = {name: dimr_config(name) for name in ("tiny", "digits", "digits16", "XL/2R", "G/2R")}
+    default_schedule = "scaled_linear"
+
+    def loss(self, model, output, noise: torch.Tensor) -> torch.Tensor:
+        return multiscale_loss(model, output.multiscale, noise)
+
+    def parameter_groups(self, model) -> list[dict]:
+        return split_no_decay_parameters(model, self.recipe.train.weight_decay)
+
+
+@register_method("dit")
+class DiTMethod(ClassConditionalDiffusion):
+    """The DiT-style adaLN-Zero baseline (arXiv 2212.09748) with the same objective."""
+
+    model_class = DiTModel
+    named_configs = DIT_CONFIGS
+
+
+@register_method("unet2d")
+class UNet2DMethod(ClassConditionalDiffusion):
+    """diffusers' UNet2DModel with ``num_class_embeds`` (the last row is the null class)."""
+
+    model_class = UNet2DModel
+    named_configs = UNET_CONFIGS
+
+    def null_class(self, model) -> int:
+        return model.config.num_class_embeds - 1

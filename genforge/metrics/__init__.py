@@ -1,0 +1,32 @@
+"""Evaluation metrics: FID/KID/IS through torch-fidelity, and the digits judge.
+
+Importing this package registers the ``"digits-cnn"`` feature extractor with torch-fidelity
+(Obukhov et al., https://github.com/toshas/torch-fidelity); importing it again is harmless.
+See :mod:`genforge.metrics.fidelity` (FID, Heusel et al. 2017, arXiv:1706.08500),
+:mod:`genforge.metrics.digits_classifier` and :mod:`genforge.metrics.agreement`.
+"""
+
+from genforge.metrics.agreement import classifier_agreement, per_class_agreement
+from genforge.metrics.digits_classifier import (
+    DigitsCNN,
+    digits_test_accuracy,
+    load_digits_classifier,
+    train_digits_classifier,
+)
+from genforge.metrics.fidelity import (
+    DIGITS_EXTRACTOR,
+    FeatureExtractorDigitsCNN,
+    compute_fidelity,
+    images_from_array,
+    load_image_source,
+    register_digits_feature_extractor,
+)
+
+register_digits_feature_extractor()
+
+__all__ = [
+    "DIGITS_EXTRACTOR", "DigitsCNN", "FeatureExtractorDigitsCNN", "classifier_agreement",
+    "compute_fidelity", "digits_test_accuracy", "images_from_array", "load_digits_classifier",
+    "load_image_source", "per_class_agreement", "register_digits_feature_extractor",
+    "train_digits_classifier",
+]

@@ -1,0 +1,234 @@
+"""FID / KID / IS through torch-fidelity, with a digits-CNN feature extractor for small domains.
+
+The metrics are torch-fidelity's (Obukhov et al., https://github.com/toshas/torch-fidelity):
+FID (Heusel et al. 2017, arXiv:1706.08500), KID (Binkowski et al. 2018, arXiv:1801.01401) and
+IS (Salimans et al. 2016, arXiv:1606.03498); genforge computes no distance itself. It adds:
+
+* ``"digits-cnn"``: a torch-fidelity feature extractor (registered on import through
+  ``torch_fidelity.register_feature_extractor``) built on the shipped
+  :class:`~genforge.metrics.digits_classifier.DigitsCNN`; FID/KID use its 64-d penultimate
+  ``"features"``, IS its ``"logits"``. Inception features mean little on 8x8 digits.
+* :func:`compute_fidelity`: float ``[-1, 1]`` tensors in, a dict of floats out, never a
+  download. ``"inception-v3-compat"`` needs a local weights file, which torch-fidelity itself
+  opens with ``torch.load(weights_only=False)``; the file is first checked here with
+  ``torch.load(weights_only=True)`` so that loading it cannot execute code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from genforge.data.digits import DigitsDataset
+from genforge.data.transforms import match_channels, signed_to_uint8, uint8_to_signed
+from genforge.metrics.digits_classifier import load_digits_classifier
+
+DIGITS_EXTRACTOR = "digits-cnn"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_RESULT_KEYS = {
+    torch_fidelity.KEY_METRIC_FID: "fid",
+    torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean", torch_fidelity.KEY_METRIC_KID_STD: "kid_std",
+    torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean", torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
+}
+
+
+class FeatureExtractorDigitsCNN(FeatureExtractorBase):
+    """torch-fidelity extractor: uint8 ``(B, 3, H, W)`` -> DigitsCNN ``features`` / ``logits``.
+
+    ``feature_extractor_weights_path`` (torch-fidelity's option) may name another
+    safetensors file; by default the shipped weights are used.
+    """
+
+    def __init__(self, name: str, features_list: list[str],
+                 feature_extractor_weights_path: str | None = None, **kwargs) -> None:
+        super().__init__(name, features_list)
+        self.cnn = load_digits_classifier(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"expected uint8 images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        features = self.cnn.features(uint8_to_signed(x))  # (B, 64)
+        out = {"features": features, "logits": self.cnn.head(features)}
+        return tuple(out[name] for name in self.features_list)
+
+
+def register_digits_feature_extractor() -> None:
+    """Register ``"digits-cnn"`` with torch-fidelity; a no-op if this class is already there.
+
+    Another class under the same name makes torch-fidelity's own registry raise.
+    """
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(DIGITS_EXTRACTOR)
+    ours = (FeatureExtractorDigitsCNN.__module__, FeatureExtractorDigitsCNN.__qualname__)
+    if existing is not None and (existing.__module__, existing.__qualname__) == ours:
+        return
+    torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, FeatureExtractorDigitsCNN)
+
+
+class Uint8Images(Dataset):
+    """Float ``[-1, 1]`` images (a tensor or a dataset of them) as torch-fidelity's uint8 RGB."""
+
+    def __init__(self, source: torch.Tensor | Dataset) -> None:
+        if torch.is_tensor(source):
+            if source.dim() != 4 or source.shape[1] not in (1, 3):
+                raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(source.shape)}")
+            if source.is_floating_point() and torch.isnan(source).any():
+                raise ValueError("images contain NaN")
+        elif not isinstance(source, Dataset):
+            raise TypeError(f"expected a tensor or a torch Dataset, got {type(source).__name__}")
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.source[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item  # datasets yield (image, label)
+        if image.dtype != torch.uint8:
+            image = signed_to_uint8(image)
+        return match_channels(image[None], 3)[0]  # (3, H, W) uint8
+
+
+def _check_inception_weights(path: str | None) -> str:
+    if path is None:
+        raise ValueError(
+            f"feature_extractor={INCEPTION_EXTRACTOR!r} needs inception_weights=<local file>: genforge "
+            "never downloads weights. Fetch torch-fidelity's converted Inception file "
+            "(weights-inception-2015-12-05-6726825d.pth, torch-fidelity release v0.2.0) on a "
+            "connected machine, copy it here and pass its path (CLI: --inception-weights FILE).")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"inception weights file {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path!r} is not a state dict of tensors")
+    return str(path)
+
+
+def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | Dataset, *,
+                     feature_extractor: str = DIGITS_EXTRACTOR, fid: bool = True, kid: bool = False,
+                     isc: bool = False, inception_weights: str | None = None,
+                     batch_size: int = 256, feature_layer: str | None = None) -> dict[str, float]:
+    """FID/KID/IS of ``fake`` against ``real`` (IS on ``fake`` only) via torch-fidelity.
+
+    ``real``/``fake``: float ``(N, C, H, W)`` tensors in [-1, 1] (C = 1 or 3), uint8 tensors,
+    or datasets yielding such images (or ``(image, label)``); ``real`` may be None when
+    only ``isc`` is asked for. Returns any of ``"fid"``,
+    ``"kid_mean"``, ``"kid_std"``, ``"isc_mean"``, ``"isc_std"``. The KID subset size is
+    ``min(1000, N_real, N_fake)`` and the IS split count ``min(10, N_fake)``.
+    ``feature_layer`` picks the FID/KID feature layer (default: the extractor's own,
+    ``"features"`` for digits-cnn, ``"2048"`` for Inception; e.g. ``"64"`` for a quick check).
+    """
+    if not (fid or kid or isc):
+        raise ValueError("nothing to compute: set at least one of fid, kid, isc")
+    if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"unknown feature extractor {feature_extractor!r}; "
+                         f"registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    weights = None
+    if feature_extractor == INCEPTION_EXTRACTOR:
+        weights = _check_inception_weights(inception_weights)
+    elif FEATURE_EXTRACTORS_REGISTRY[feature_extractor].__module__.startswith("torch_fidelity."):
+        raise ValueError(f"feature extractor {feature_extractor!r} would download its weights; "
+                         f"genforge supports {DIGITS_EXTRACTOR!r} and {INCEPTION_EXTRACTOR!r} "
+                         "(with a local inception_weights file)")
+    elif inception_weights is not None:
+        raise ValueError(f"inception_weights is only used with {INCEPTION_EXTRACTOR!r}, "
+                         f"not {feature_extractor!r}")
+    pairwise = fid or kid
+    if pairwise and real is None:
+        raise ValueError("FID and KID compare against real images; real=None only works for isc")
+    fake_ds = Uint8Images(fake)
+    real_ds = Uint8Images(real) if pairwise else None
+    n_fake, n_real = len(fake_ds), len(real_ds) if pairwise else 0
+    if n_fake < 2 or (pairwise and n_real < 2):
+        raise ValueError(f"need at least 2 images per set, got real={n_real}, fake={n_fake}")
+    metrics = torch_fidelity.calculate_metrics(
+        input1=fake_ds, input2=real_ds,
+        fid=fid, kid=kid, isc=isc, feature_extractor=feature_extractor,
+        feature_extractor_weights_path=weights, batch_size=batch_size,
+        feature_layer_fid=feature_layer, feature_layer_kid=feature_layer,
+        kid_subset_size=min(1000, n_real or n_fake, n_fake), isc_splits=min(10, n_fake),
+        cuda=torch.cuda.is_available(), cache=False, save_cpu_ram=True, verbose=False,
+    )
+    return {_RESULT_KEYS[k]: float(v) for k, v in metrics.items() if k in _RESULT_KEYS}
+
+
+def images_from_array(array: np.ndarray) -> torch.Tensor:
+    """``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` uint8 / float [-1, 1] -> float (N, C, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(array))
+    if x.dim() == 3:
+        x = x[:, None]
+    elif x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images of shape {tuple(array.shape)}: expected (N, H, W), (N, H, W, C) "
+                         "or (N, C, H, W) with C = 1 or 3")
+    if x.dtype == torch.uint8:
+        return uint8_to_signed(x)
+    if not x.is_floating_point():
+        raise ValueError(f"images have dtype {array.dtype}; expected uint8 or float in [-1, 1]")
+    x = x.float()
+    if x.min() < -1.5 or x.max() > 1.5:
+        raise ValueError(f"float images span {x.min():.3g}..{x.max():.3g}; expected [-1, 1] "
+                         "(store 0..255 pixels as uint8)")
+    return x.clamp(-1.0, 1.0)
+
+
+def load_image_source(spec: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (float [-1, 1], (N, C, H, W)) and labels (or None) named by a CLI ``spec``.
+
+    * ``digits:SPLIT[:SIZE[:MODE]]`` - the bundled digits; SIZE defaults to the size of
+      ``like`` (else 16), MODE to ``pad``;
+    * ``FILE.npz`` - array ``images`` (see :func:`images_from_array`) and optional ``labels``;
+    * a folder - every image file in it (recursively), all of one size; no labels.
+    """
+    if spec.startswith("digits:"):
+        parts = spec.split(":")
+        if len(parts) > 4:
+            raise ValueError(f"bad digits spec {spec!r}; expected digits:SPLIT[:SIZE[:MODE]]")
+        size = int(parts[2]) if len(parts) > 2 else (like.shape[-1] if like is not None else 16)
+        data = DigitsDataset(parts[1], image_size=size, resize=parts[3] if len(parts) > 3 else "pad")
+        return data.images, data.labels
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"samples file {spec!r} does not exist")
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz:
+                raise KeyError(f"{spec!r} has no 'images' array (arrays: {sorted(npz.files)})")
+            labels = torch.from_numpy(npz["labels"]).long() if "labels" in npz else None
+            return images_from_array(npz["images"]), labels
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no image files {IMAGE_SUFFIXES} under {spec!r}")
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"images under {spec!r} differ in size; expected one size")
+        images = images_from_array(np.stack(arrays))
+        grey = bool((images == images[:, :1]).all())
+        return (images[:, :1] if grey else images), None
+    raise FileNotFoundError(f"image source {spec!r} is not digits:SPLIT, an existing .npz file or a folder")
