@@ -20,7 +20,8 @@ import torch
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from genforge.methods.sampling import generate, save_class_grid
+    from genforge.data.transforms import signed_to_uint8
+    from genforge.methods.sampling import generate, sampling_scheduler, save_class_grid
     from genforge.pipelines.dimr import DiMRPipeline, null_class_of
 
     directory = Path(args.pipeline)
@@ -36,8 +37,6 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"error: classes {bad} outside [0, {num_classes})", file=sys.stderr)
         return 2
     if args.scheduler:
-        from genforge.methods.sampling import sampling_scheduler
-
         pipe.scheduler = sampling_scheduler(args.scheduler, pipe.scheduler.config)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images = generate(pipe, labels, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -45,8 +44,7 @@ def _sample(args: argparse.Namespace) -> int:
     save_class_grid(images, args.per_class, Path(args.out))
     print(f"wrote {args.out} ({len(classes)} rows x {args.per_class})")
     if args.npz:
-        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        np.savez_compressed(args.npz, images=pixels, labels=labels.numpy())
+        np.savez_compressed(args.npz, images=signed_to_uint8(images).numpy(), labels=labels.numpy())
         print(f"wrote {args.npz}")
     return 0
 

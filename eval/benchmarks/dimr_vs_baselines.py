@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from genforge.train import latest_checkpoint
+
 RECIPES = {"DiMR": "recipes/dimr/digits.yaml", "DiT (adaLN-Zero)": "recipes/dimr/dit_digits.yaml",
            "UNet2DModel": "recipes/dimr/unet2d_digits.yaml"}
 
@@ -30,10 +32,11 @@ def run_one(recipe: str, out: Path, seed: int, minutes: float, num_samples: int)
         command = [sys.executable, "-m", "genforge.train", recipe, "--output-dir", str(out),
                    "--set", f"seed={seed}", "--set", f"train.max_minutes={minutes}",
                    "--set", f"eval.num_samples={num_samples}", "--auto-resume"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train_output.log", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     metrics = json.loads((out / "metrics.json").read_text())
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    metrics["steps"] = max(entry.get("step", 0) for entry in log)
+    metrics["steps"] = int(latest_checkpoint(out).name.removeprefix("step_"))
     return metrics
 
 

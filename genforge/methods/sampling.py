@@ -20,6 +20,7 @@ from torchvision.utils import save_image
 
 from genforge.config import Recipe
 from genforge.data import build_dataset
+from genforge.data.transforms import signed_to_uint8
 from genforge.metrics import classifier_agreement, compute_fidelity
 from genforge.pipelines.dimr import DiMRPipeline, null_class_of, to_model_range
 
@@ -72,8 +73,7 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
     labels = torch.arange(recipe.eval.num_samples) % num_classes
     images = generate(pipe, labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
                       seed=recipe.seed + 1, batch_size=recipe.eval.batch_size)
-    np.savez_compressed(output_dir / "samples.npz", images=((images + 1) * 127.5).round().clamp(0, 255)
-                        .to(torch.uint8).numpy(), labels=labels.numpy())
+    np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy())
     metrics = score_samples(images, labels, recipe)
     (output_dir / "sample_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -114,3 +114,21 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
     recipe.data.image_size = 16
     with pytest.raises(ConfigError, match="16x16"):
         DiMRMethod(recipe).train_dataset()
+
+
+def test_a_killed_dimr_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    def run(name, steps, resume=False):
+        recipe = digits_recipe(tmp_path / name, max_steps=steps, checkpoint_every=3)
+        recipe.data.batch_size = 16
+        recipe.eval.num_samples = 10
+        recipe.sample.num_per_class = 1
+        return train(recipe, resume=resume)
+
+    straight = run("straight", 6)
+    run("killed", 3)
+    resumed = run("killed", 6, resume=True)
+    assert resumed.resumed_from == 3
+    for sub in ("model", "ema"):
+        a = DiMRMethod.model_class.from_pretrained(straight.output_dir / sub).state_dict()
+        b = DiMRMethod.model_class.from_pretrained(resumed.output_dir / sub).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
