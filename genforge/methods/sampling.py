@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from genforge.config import Recipe
 from genforge.data import build_dataset
@@ -39,11 +40,11 @@ def sampling_scheduler(name: str, train_config) -> DDIMScheduler | DDPMScheduler
 
 
 def generate(pipe: DiMRPipeline, labels: torch.Tensor, *, steps: int, guidance_scale: float, seed: int,
-             batch_size: int) -> torch.Tensor:
+             batch_size: int, desc: str = "sampling") -> torch.Tensor:
     """Samples for ``labels`` in [-1, 1] as (N, C, H, W), generated in batches from one seed."""
     generator = torch.Generator().manual_seed(seed)
     chunks = []
-    for start in range(0, labels.shape[0], batch_size):
+    for start in tqdm(range(0, labels.shape[0], batch_size), desc=desc, unit="batch"):
         out = pipe(class_labels=labels[start:start + batch_size], guidance_scale=guidance_scale,
                    num_inference_steps=steps, generator=generator, output_type="pt")
         chunks.append(to_model_range(out.images))
@@ -68,11 +69,11 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
     sample = recipe.sample
     grid_labels = torch.arange(num_classes).repeat_interleave(sample.num_per_class)
     grid = generate(pipe, grid_labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                    seed=recipe.seed, batch_size=recipe.eval.batch_size)
+                    seed=recipe.seed, batch_size=recipe.eval.batch_size, desc="sampling grid")
     save_class_grid(grid, sample.num_per_class, output_dir / "samples_grid.png")
     labels = torch.arange(recipe.eval.num_samples) % num_classes
     images = generate(pipe, labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                      seed=recipe.seed + 1, batch_size=recipe.eval.batch_size)
+                      seed=recipe.seed + 1, batch_size=recipe.eval.batch_size, desc="sampling for metrics")
     np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy())
     metrics = score_samples(images, labels, recipe)
     (output_dir / "sample_metrics.json").write_text(json.dumps(metrics, indent=2))
