@@ -66,6 +66,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from genforge.methods.sampling import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a recipe (see python -m genforge.train --help)", add_help=False)
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-class", type=int, default=10)
     sample.add_argument("--steps", type=int, default=25)
     sample.add_argument("--guidance-scale", type=float, default=2.0)
-    sample.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm++"], help="override the saved sampler")
+    sample.add_argument("--scheduler", choices=SAMPLERS, help="override the saved sampler")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, default=500)
     sample.add_argument("--out", default="samples_grid.png")

@@ -63,6 +63,21 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def batch_conditions(timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None, batch: int,
+                     null_index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-conditional denoiser's (timestep, labels) as (B,) tensors.
+
+    A scalar timestep is repeated over the batch (diffusers schedulers pass one ``t`` per
+    step); missing labels mean the unconditional (null) class.
+    """
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.dim() == 0:
+        timestep = timestep.expand(batch)
+    if class_labels is None:
+        class_labels = torch.full((batch,), null_index, device=device, dtype=torch.long)
+    return timestep, class_labels
+
+
 def drop_labels(
     labels: torch.Tensor, prob: float, null_index: int, force_drop_ids: torch.Tensor | None = None
 ) -> torch.Tensor:

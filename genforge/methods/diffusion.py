@@ -35,9 +35,11 @@ from genforge.data import build_dataset
 from genforge.methods.sampling import evaluate_class_conditional
 from genforge.models.dimr import DiMRModel, dimr_config, multiscale_loss
 from genforge.models.dit import DiTModel
+from genforge.pipelines.dimr import null_class_of
 from genforge.train import Method, register_method
 
-MODEL_KEYS = {"config", "args", "class_dropout", "beta_schedule", "beta_start", "beta_end"}
+MODEL_DEFAULTS = {"config": "digits", "args": {}, "class_dropout": 0.1, "beta_start": None, "beta_end": None}
+MODEL_KEYS = {*MODEL_DEFAULTS, "beta_schedule"}
 SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 
 DIT_CONFIGS = {
@@ -70,8 +72,7 @@ class ClassConditionalDiffusion(Method):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.validate_model_config(recipe.model)
-        self.options = {"class_dropout": 0.1, "beta_schedule": self.default_schedule, "beta_start": None,
-                        "beta_end": None, **recipe.model}
+        self.options = {**MODEL_DEFAULTS, "beta_schedule": self.default_schedule, **recipe.model}
         self.noise_scheduler = self._noise_scheduler()
 
     def _source(self) -> str:
@@ -79,10 +80,10 @@ class ClassConditionalDiffusion(Method):
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(MODEL_KEYS), "model", self._source())
-        name = model_cfg.get("config", "digits")
+        name = model_cfg.get("config", MODEL_DEFAULTS["config"])
         if name not in self.named_configs:
             raise ConfigError(f"{self._source()}: model.config {name!r} is not one of {sorted(self.named_configs)}")
-        args = model_cfg.get("args", {})
+        args = model_cfg.get("args", MODEL_DEFAULTS["args"])
         if not isinstance(args, dict):
             raise ConfigError(f"{self._source()}: model.args must be a mapping, got {type(args).__name__}")
         accepted = [p for p in inspect.signature(self.model_class.__init__).parameters if p != "self"]
@@ -90,7 +91,7 @@ class ClassConditionalDiffusion(Method):
         schedule = model_cfg.get("beta_schedule", self.default_schedule)
         if schedule not in SCHEDULES:
             raise ConfigError(f"{self._source()}: model.beta_schedule {schedule!r} is not one of {list(SCHEDULES)}")
-        dropout = model_cfg.get("class_dropout", 0.1)
+        dropout = model_cfg.get("class_dropout", MODEL_DEFAULTS["class_dropout"])
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ConfigError(f"{self._source()}: model.class_dropout must be in [0, 1), got {dropout!r}")
 
@@ -106,8 +107,8 @@ class ClassConditionalDiffusion(Method):
         return DDPMScheduler(**kwargs)
 
     def network_config(self) -> dict:
-        config = copy.deepcopy(self.named_configs[self.options.get("config", "digits")])
-        return {**config, **copy.deepcopy(self.options.get("args", {}))}
+        config = copy.deepcopy(self.named_configs[self.options["config"]])
+        return {**config, **copy.deepcopy(self.options["args"])}
 
     def build_model(self) -> torch.nn.Module:
         return self.model_class(**self.network_config())
@@ -123,9 +124,6 @@ class ClassConditionalDiffusion(Method):
                               f"{dataset.image_size} images but the model expects {channels}x{size}x{size}")
         return dataset
 
-    def null_class(self, model) -> int:
-        return model.null_class
-
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
         return model(noisy, timesteps, class_labels=labels)
 
@@ -135,7 +133,7 @@ class ClassConditionalDiffusion(Method):
     def training_step(self, model, batch) -> tuple[torch.Tensor, dict]:
         images, labels = batch
         unwrapped = getattr(model, "module", model)
-        labels = drop_labels(labels, self.options["class_dropout"], self.null_class(unwrapped))
+        labels = drop_labels(labels, self.options["class_dropout"], null_class_of(unwrapped))
         noise = torch.randn_like(images)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],),
                                   device=images.device)
@@ -178,6 +176,3 @@ class UNet2DMethod(ClassConditionalDiffusion):
 
     model_class = UNet2DModel
     named_configs = UNET_CONFIGS
-
-    def null_class(self, model) -> int:
-        return model.config.num_class_embeds - 1

@@ -23,7 +23,7 @@ from genforge.config import Recipe
 from genforge.data import build_dataset
 from genforge.data.transforms import signed_to_uint8
 from genforge.metrics import classifier_agreement, compute_fidelity
-from genforge.pipelines.dimr import DiMRPipeline, null_class_of, to_model_range
+from genforge.pipelines.dimr import DiMRPipeline, null_class_of
 
 SAMPLERS = ("ddim", "ddpm", "dpm++")
 
@@ -47,7 +47,7 @@ def generate(pipe: DiMRPipeline, labels: torch.Tensor, *, steps: int, guidance_s
     for start in tqdm(range(0, labels.shape[0], batch_size), desc=desc, unit="batch"):
         out = pipe(class_labels=labels[start:start + batch_size], guidance_scale=guidance_scale,
                    num_inference_steps=steps, generator=generator, output_type="pt")
-        chunks.append(to_model_range(out.images))
+        chunks.append(out.images * 2 - 1)  # pipeline [0, 1] -> model range [-1, 1]
     return torch.cat(chunks)
 
 

@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from genforge.core.blocks import ConvNeXtBlock, TransformerBlock
+from genforge.core.embed import batch_conditions
 from genforge.core.norm import TDLayerNorm
 
 STAGE_KEYS = {
@@ -204,7 +205,7 @@ class DiMRModel(ModelMixin, ConfigMixin):
         weights = loss_weights if loss_weights is not None else default_loss_weights(len(resolved))
         if len(weights) != len(resolved):
             raise ValueError(f"loss_weights has {len(weights)} entries for {len(resolved)} stages")
-        self.resolved_stages, self.stage_loss_weights = resolved, [float(w) for w in weights]
+        self.stage_loss_weights = [float(w) for w in weights]
         self.stages = nn.ModuleList(
             DiMRStage(in_channels, stage, norm_type, num_classes, resolved[i - 1] if i else None)
             for i, stage in enumerate(resolved))
@@ -216,12 +217,8 @@ class DiMRModel(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True):
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(batch)
-        if class_labels is None:
-            class_labels = torch.full((batch,), self.null_class, device=sample.device, dtype=torch.long)
+        timestep, class_labels = batch_conditions(timestep, class_labels, sample.shape[0], self.null_class,
+                                                  sample.device)
         tau = timestep_to_tau(timestep, self.config.num_train_timesteps).to(sample.dtype)
         outputs, features = [], None
         for stage in self.stages:

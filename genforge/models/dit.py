@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from genforge.core.blocks import DiTBlock
-from genforge.core.embed import PatchEmbed, TimestepEmbedding, sincos_2d_pos_embed
+from genforge.core.embed import PatchEmbed, TimestepEmbedding, batch_conditions, sincos_2d_pos_embed
 from genforge.core.norm import AdaLNZero, modulate
 
 
@@ -71,11 +71,7 @@ class DiTModel(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True):
         batch, _, height, width = sample.shape
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(batch)
-        if class_labels is None:
-            class_labels = torch.full((batch,), self.null_class, device=sample.device, dtype=torch.long)
+        timestep, class_labels = batch_conditions(timestep, class_labels, batch, self.null_class, sample.device)
         x = self.patch_embed(sample) + self.pos_embed  # (B, N, D)
         cond = self.time_embed(timestep.float()) + self.class_embed(class_labels)  # (B, D)
         for block in self.blocks:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
@@ -92,10 +91,3 @@ class DiMRPipeline(DiffusionPipeline):
             array = self.numpy_to_pil(array)
         return ImagePipelineOutput(images=array) if return_dict else (array,)
 
-
-def to_model_range(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Pipeline output in [0, 1] (pt tensor (B,C,H,W) or np (B,H,W,C)) -> tensor in [-1, 1]."""
-    tensor = torch.as_tensor(images)
-    if tensor.dim() == 4 and tensor.shape[-1] in (1, 3) and tensor.shape[1] not in (1, 3):
-        tensor = tensor.permute(0, 3, 1, 2)
-    return tensor.float() * 2 - 1

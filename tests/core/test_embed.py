@@ -9,6 +9,7 @@ from genforge.core.embed import (
     LabelEmbedding,
     PatchEmbed,
     TimestepEmbedding,
+    batch_conditions,
     drop_labels,
     sincos_2d_pos_embed,
     timestep_sinusoidal,
@@ -170,3 +171,11 @@ def test_sincos_2d_positions_are_distinct_and_dim_must_divide_by_four():
     assert torch.cdist(emb, emb)[~torch.eye(16, dtype=torch.bool)].min() > 0.1
     with pytest.raises(ValueError, match="divisible by 4.*18"):
         sincos_2d_pos_embed(18, 4, 4)
+
+
+def test_batch_conditions_repeat_a_scheduler_timestep_and_default_to_the_null_class():
+    t, y = batch_conditions(torch.tensor(500), None, 3, null_index=10, device=torch.device("cpu"))
+    assert t.tolist() == [500, 500, 500] and y.tolist() == [10, 10, 10]
+    given_t, given_y = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    t, y = batch_conditions(given_t, given_y, 3, null_index=10, device=torch.device("cpu"))
+    assert torch.equal(t, given_t) and torch.equal(y, given_y)

@@ -10,6 +10,7 @@ from genforge.cli import main as cli_main
 from genforge.config import ConfigError, recipe_from_dict
 from genforge.methods.diffusion import DiMRMethod, UNet2DMethod
 from genforge.models.dimr import multiscale_noise_targets
+from genforge.pipelines.dimr import null_class_of
 from genforge.train import train
 
 
@@ -72,7 +73,7 @@ def test_dimr_parameter_groups_keep_td_gates_out_of_weight_decay(tmp_path):
 def test_unet_baseline_uses_its_last_class_row_as_the_null_class(tmp_path):
     method = UNet2DMethod(digits_recipe(tmp_path, method="unet2d"))
     model = method.build_model()
-    assert method.null_class(model) == 10
+    assert null_class_of(model) == 10
     torch.manual_seed(0)
     batch = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
     loss, _ = method.training_step(model, batch)
