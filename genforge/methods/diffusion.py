@@ -32,7 +32,7 @@ from genforge.config import ConfigError, check_known_keys
 from genforge.core.embed import drop_labels
 from genforge.core.norm import split_no_decay_parameters
 from genforge.data import build_dataset
-from genforge.methods.sampling import evaluate_class_conditional
+from genforge.methods.sampling import SAMPLERS, evaluate_class_conditional
 from genforge.models.dimr import DiMRModel, dimr_config, multiscale_loss
 from genforge.models.dit import DiTModel
 from genforge.pipelines.dimr import null_class_of
@@ -72,6 +72,9 @@ class ClassConditionalDiffusion(Method):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.validate_model_config(recipe.model)
+        if recipe.sample.scheduler not in SAMPLERS:
+            raise ConfigError(f"{self._source()}: sample.scheduler {recipe.sample.scheduler!r} is not one of "
+                              f"{list(SAMPLERS)}")
         self.options = {**MODEL_DEFAULTS, "beta_schedule": self.default_schedule, **recipe.model}
         self.noise_scheduler = self._noise_scheduler()
 

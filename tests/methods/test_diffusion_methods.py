@@ -110,6 +110,12 @@ def test_bad_model_sections_are_refused_before_training(tmp_path, model_section,
         recipe_from_dict(raw)
 
 
+def test_an_unknown_sampler_is_refused_when_the_recipe_loads_not_after_training(tmp_path):
+    raw = {"method": "dimr", "output_dir": str(tmp_path), "sample": {"scheduler": "euler"}}
+    with pytest.raises(ConfigError, match="euler"):
+        recipe_from_dict(raw)
+
+
 def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
     recipe = digits_recipe(tmp_path)
     recipe.data.image_size = 16
