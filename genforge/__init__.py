@@ -5,6 +5,7 @@ each component by its top-level package, so ``DiMRPipeline.from_pretrained`` res
 ``["genforge", "DiMRModel"]`` through this module.
 """
 
+import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
 from genforge.models.dimr import DiMRModel
 from genforge.models.dit import DiTModel
 from genforge.pipelines.dimr import DiMRPipeline

@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from genforge.core.state_dict import StateDictError, load_state_dict_strict, read_state_dict
 from genforge.models.dimr import DiMRModel, dimr_config
 
 # (official pattern, our replacement), applied to the part after "stages.{r}."
@@ -43,7 +43,7 @@ _RENAMES = [
 _STAGE_KEY = re.compile(r"^stages\.(\d+)\.(.+)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(StateDictError):
     """An official checkpoint that does not match the target configuration."""
 
 
@@ -71,33 +71,18 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, or a torch file with ``weights_only=True`` (no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DiMR checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path} does not hold a flat state dict of tensors")
-    return state
+    try:
+        return read_state_dict(path)
+    except StateDictError as err:
+        raise ConversionError(str(err)) from err
 
 
 def load_official_dimr(checkpoint: str | Path | dict, config: str | dict = "XL/2R") -> DiMRModel:
     """Build a DiMRModel from a named or explicit config and load official weights strictly."""
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     model = DiMRModel(**(dimr_config(config) if isinstance(config, str) else config))
-    converted = convert_official_state_dict(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
-    if missing or unexpected or wrong:
-        details = [f"missing ({len(missing)}): {missing[:8]}" if missing else "",
-                   f"unexpected ({len(unexpected)}): {unexpected[:8]}" if unexpected else "",
-                   "shape mismatch: " + ", ".join(f"{k} ours {tuple(expected[k].shape)} vs "
-                                                  f"{tuple(converted[k].shape)}" for k in wrong[:8]) if wrong else ""]
-        raise ConversionError("official checkpoint does not fit this DiMR config; " + "; ".join(d for d in details if d))
-    model.load_state_dict(converted, strict=True)
+    load_state_dict_strict(model, convert_official_state_dict(state),
+                           what="official checkpoint", error=ConversionError)
     return model
 
 

@@ -1,0 +1,12 @@
+"""Discriminative backbones timm lacks, registered into timm under a ``gf_`` prefix.
+
+Importing ``genforge`` (or this package) registers every family, after which
+``timm.create_model("gf_...")`` builds them like any timm model. ``load_official`` loads a
+checkpoint in a family's official repository layout. The families timm already has
+(DaViT, ConvFormer/CAFormer, PoolFormer, ECA-ResNet, HaloNet, ResNet-RS, NASNet, EvoNorm,
+weight-standardised convs) are used through timm directly; README.md lists their names.
+"""
+
+from genforge.backbones.registry import load_official, register_gf_model, register_official_converter
+
+__all__ = ["load_official", "register_gf_model", "register_official_converter"]
