@@ -1,7 +1,9 @@
-"""The ``genforge`` command: ``train``, ``sample`` and ``eval``.
+"""The ``genforge`` command: ``train``, ``distill``, ``sample`` and ``eval``.
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
+- ``genforge distill RECIPE [--resume]`` distils a dataset into a synthetic set, draws it and
+  evaluates it with the field's protocol (the same as ``python -m genforge.distill``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline (a training run writes one to
   ``<output_dir>/pipeline``) and writes a per-class PNG grid and, optionally, an .npz;
 - ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity)
@@ -21,7 +23,8 @@ import torch
 
 def _sample(args: argparse.Namespace) -> int:
     from genforge.data.transforms import signed_to_uint8
-    from genforge.methods.sampling import generate, sampling_scheduler, save_class_grid
+    from genforge.data.grid import save_class_grid
+    from genforge.methods.sampling import generate, sampling_scheduler
     from genforge.pipelines.dimr import DiMRPipeline, null_class_of
 
     directory = Path(args.pipeline)
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genforge", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a recipe (see python -m genforge.train --help)", add_help=False)
+    commands.add_parser("distill", help="distil a dataset from a recipe (see python -m genforge.distill --help)",
+                        add_help=False)
 
     sample = commands.add_parser("sample", help="sample a saved class-conditional pipeline into a grid")
     sample.add_argument("pipeline", help="directory written by save_pretrained (e.g. runs/dimr_digits/pipeline)")
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from genforge.train.__main__ import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "distill":
+        from genforge.distill.__main__ import main as distill_main
+
+        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _sample(args) if args.command == "sample" else _eval(args)

@@ -27,6 +27,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "SampleConfig", "EvalConfig", "Recipe",
     "load_recipe", "recipe_from_dict", "recipe_to_dict", "save_recipe", "check_known_keys",
+    "dataclass_from_mapping", "read_yaml",
 ]
 
 
@@ -271,16 +272,32 @@ def recipe_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None =
     return recipe
 
 
-def load_recipe(path, overrides: dict | None = None) -> Recipe:
-    """Read and validate the recipe at `path`; `overrides` maps dotted keys to values."""
+def read_yaml(path) -> object:
+    """The parsed YAML file at `path` (duplicate keys are errors), or a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        return yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return recipe_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def dataclass_from_mapping(cls, raw: dict, source: str, section: str = "", overrides: dict | None = None):
+    """Build dataclass `cls` from `raw` with the recipe checks (unknown keys, types, bounds).
+
+    For recipe kinds other than training recipes (e.g. distillation recipes).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _apply_overrides(raw, overrides or {}, source)
+    return _build(cls, raw, section, source)
+
+
+def load_recipe(path, overrides: dict | None = None) -> Recipe:
+    """Read and validate the recipe at `path`; `overrides` maps dotted keys to values."""
+    return recipe_from_dict(read_yaml(path), source=str(path), overrides=overrides)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

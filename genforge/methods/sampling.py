@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from genforge.config import Recipe
 from genforge.data import build_dataset
+from genforge.data.grid import save_class_grid
 from genforge.data.transforms import signed_to_uint8
 from genforge.metrics import classifier_agreement, compute_fidelity
 from genforge.pipelines.dimr import DiMRPipeline, null_class_of
@@ -49,13 +49,6 @@ def generate(pipe: DiMRPipeline, labels: torch.Tensor, *, steps: int, guidance_s
                    num_inference_steps=steps, generator=generator, output_type="pt")
         chunks.append(out.images * 2 - 1)  # pipeline [0, 1] -> model range [-1, 1]
     return torch.cat(chunks)
-
-
-def save_class_grid(images: torch.Tensor, per_class: int, path: Path, upscale: int = 4) -> None:
-    """PNG grid of images in [-1, 1] ordered class by class: one row per class."""
-    if upscale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
-    save_image((images + 1) / 2, path, nrow=per_class, padding=2, pad_value=0.5)
 
 
 def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_dir: Path) -> dict:
