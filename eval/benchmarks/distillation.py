@@ -1,0 +1,210 @@
+"""Dataset distillation on the bundled digits: the spec's CPU protocol, side by side in one run.
+
+For IPC 1, 5 and 10 and every distillation seed, this distils the digits train split with
+each engine and evaluates every synthetic set with the same train-on-synthetic protocol
+(ConvNet-D2 width 32, 300 epochs, SGD lr 0.01 -> 0.001 at epoch 151, DSA without flip,
+final iterate, ``--num-eval`` fresh networks per set):
+
+- random real subset (the baseline), DM, DataDAM (p = 4), DataDAM + FYI;
+- DWA (rho = 15e-3) and SRe2L (rho = 0) against a ConvNetBN-D2 teacher trained per seed,
+  each evaluated with hard labels and with the teacher's soft labels (KD, T = 4, mixup);
+- the full train split as the upper bound.
+
+It prints mean ± std test accuracy over seeds x networks, each method's gap to the random
+subset in pooled standard deviations, the wall time of one distillation iteration (one
+update of the whole synthetic set) as a ratio to DM's at the same IPC, DWA's within-class
+diversity against SRe2L's, and FYI's positive control on "mirror digits" (half of the
+images mirrored, so that left and right are equivalent as FYI assumes). Results (and
+every accuracy) are written to ``--out`` as JSON; a finished (method, ipc, seed) is
+reused when the script is run again.
+
+    python eval/benchmarks/distillation.py --seeds 0 1 2 --num-eval 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import genforge
+from genforge.distill import EvalOptions, RealData, evaluate_synthetic, load_real
+from genforge.distill.dwa import DWAOptions, train_teacher
+from genforge.distill.evaluate import accuracy_on
+from genforge.distill.seeding import stream
+
+MATCH = dict(net_width=32, net_depth=2, dsa_strategy="color_crop_cutout_scale_rotate", batch_real=64)
+# (label, engine, flip, options); DWA and SRe2L rows are evaluated twice (hard and soft labels)
+ENGINES = [
+    ("random", "random", False, {}),
+    ("DM", "dm", False, MATCH),
+    ("DataDAM", "datadam", False, dict(MATCH, power=4.0)),
+    ("DataDAM+FYI", "datadam", True, dict(MATCH, power=4.0)),
+    ("DWA", "dwa", False, dict(rho=15e-3, steps=12, jitter=1)),
+    ("SRe2L", "dwa", False, dict(rho=0.0, steps=12, jitter=1)),
+]
+
+
+def mirrored(real: RealData, seed: int) -> RealData:
+    """The same data with a random half of the images mirrored (labels unchanged)."""
+    flip = torch.rand(len(real.labels), generator=stream(seed, 99)) < 0.5
+    pixels = real.to_pixels(real.images)
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    return RealData(pixels, real.labels, real.num_classes, normalisation=real.normalisation)
+
+
+def within_class_diversity(images: torch.Tensor, labels: torch.Tensor, teacher) -> float:
+    """Mean pairwise distance of teacher embeddings between images of the same class."""
+    with torch.no_grad():
+        emb = teacher.embed(images)
+    distances = [torch.pdist(emb[labels == c]).mean() for c in labels.unique() if (labels == c).sum() > 1]
+    return float(torch.stack(distances).mean()) if distances else float("nan")
+
+
+def summary(accs: list[float]) -> dict:
+    return {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs), "n": len(accs), "accs": accs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-eval", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=1000, help="DM/DataDAM iterations")
+    parser.add_argument("--dwa-iterations", type=int, default=500, help="DWA/SRe2L pixel steps per batch")
+    parser.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
+    parser.add_argument("--out", default="runs/bench/distillation.json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    real, test = load_real("digits")
+    hard = EvalOptions(num_eval=args.num_eval, epochs=args.epochs)
+    soft = EvalOptions(num_eval=args.num_eval, epochs=args.epochs, soft="teacher")
+    teachers = {}
+    for seed in args.seeds:
+        teachers[seed] = train_teacher(real, DWAOptions(teacher_width=32, teacher_depth=2), seed, progress=False)
+        results.setdefault("teacher", {})[str(seed)] = accuracy_on(teachers[seed], test)
+
+    if "full" not in results:
+        accs = []
+        for seed in args.seeds:
+            accs += evaluate_synthetic(real.images, real.labels, test, hard, seed=seed, progress=False).accuracies
+        results["full"] = summary(accs)
+        save()
+    print(f"full train split: {100 * results['full']['mean']:.2f} ± {100 * results['full']['std']:.2f}", flush=True)
+
+    runs = results.setdefault("runs", {})
+    for ipc in args.ipcs:
+        for label, engine, flip, options in ENGINES:
+            for seed in args.seeds:
+                key = f"{label}|{ipc}|{seed}"
+                if key in runs:
+                    continue
+                kwargs = dict(options)
+                if engine in ("dm", "datadam"):
+                    kwargs["iterations"] = args.iterations
+                elif engine == "dwa":
+                    kwargs.update(iterations=args.dwa_iterations, teacher=teachers[seed])
+                start = time.perf_counter()
+                syn = genforge.distill(engine, real, ipc, seed=seed, flip=flip, progress=False, **kwargs)
+                seconds = time.perf_counter() - start
+                row = {"distill_seconds": seconds,
+                       "iterations": kwargs.get("iterations", 0),
+                       "hard": evaluate_synthetic(syn, None, test, hard, seed=seed, progress=False).accuracies}
+                if engine == "dwa":
+                    row["soft"] = evaluate_synthetic(syn, None, test, soft, seed=seed, teacher=teachers[seed],
+                                                     progress=False).accuracies
+                    row["diversity"] = within_class_diversity(syn.images, syn.labels, teachers[seed])
+                runs[key] = row
+                save()
+                print(f"{key}: hard {100 * statistics.fmean(row['hard']):.2f}"
+                      + (f" soft {100 * statistics.fmean(row['soft']):.2f}" if "soft" in row else "")
+                      + f" ({seconds:.1f} s)", flush=True)
+
+    control = results.setdefault("mirror_control", {})
+    for seed in args.seeds:
+        m_real, m_test = mirrored(real, seed), mirrored(test, seed + 1000)
+        for label, flip in (("DM", False), ("DM+FYI", True)):
+            key = f"{label}|1|{seed}"
+            if key not in control:
+                syn = genforge.distill("dm", m_real, 1, seed=seed, flip=flip, progress=False,
+                                       iterations=args.iterations, **MATCH)
+                control[key] = evaluate_synthetic(syn, None, m_test, hard, seed=seed, progress=False).accuracies
+                save()
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    runs = results["runs"]
+
+    def pooled(label, ipc, kind="hard"):
+        accs = [a for s in args.seeds for a in runs[f"{label}|{ipc}|{s}"][kind]]
+        return summary(accs)
+
+    def seconds_per_iteration(label, ipc):
+        rows = [runs[f"{label}|{ipc}|{s}"] for s in args.seeds]
+        its = [r["iterations"] for r in rows]
+        if not all(its):
+            return float("nan")
+        # DWA updates one batch (one image per class) per step: ipc steps update the whole set
+        per_set = ipc if label in ("DWA", "SRe2L") else 1
+        return statistics.fmean(r["distill_seconds"] / r["iterations"] * per_set for r in rows)
+
+    rows = [(lbl, "hard") for lbl, *_ in ENGINES] + [("DWA", "soft"), ("SRe2L", "soft")]
+    print(f"\nTest accuracy (%) on digits, mean ± std over {len(args.seeds)} seeds x {args.num_eval} networks")
+    header = "| method | labels | " + " | ".join(f"IPC {i}" for i in args.ipcs) + " | s/iteration vs DM (IPC " \
+             + "/".join(map(str, args.ipcs)) + ") |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for label, kind in rows:
+        cells = []
+        for ipc in args.ipcs:
+            s = pooled(label, ipc, kind)
+            cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}")
+        ratios = "/".join(
+            "–" if math.isnan(seconds_per_iteration(label, i)) else
+            f"{seconds_per_iteration(label, i) / seconds_per_iteration('DM', i):.2f}" for i in args.ipcs)
+        print(f"| {label} | {kind} | " + " | ".join(cells) + f" | {ratios if kind == 'hard' else ''} |")
+    full = results["full"]
+    print(f"| full train split | hard | {100 * full['mean']:.2f} ± {100 * full['std']:.2f} (upper bound) | | | |")
+    print("\nDM seconds per iteration: " + ", ".join(
+        f"IPC {i}: {seconds_per_iteration('DM', i):.4f}" for i in args.ipcs))
+
+    print("\nGap to the random subset in pooled stds ((method - random) / sqrt((sd_m^2 + sd_r^2) / 2)):")
+    for label in ("DM", "DataDAM", "DataDAM+FYI", "DWA", "SRe2L"):
+        gaps = []
+        for ipc in args.ipcs:
+            m, r = pooled(label, ipc), pooled("random", ipc)
+            sd = math.sqrt((m["std"] ** 2 + r["std"] ** 2) / 2) or float("nan")
+            gaps.append(f"IPC {ipc}: {100 * (m['mean'] - r['mean']):+.2f} pts = {(m['mean'] - r['mean']) / sd:+.1f} sd")
+        print(f"  {label}: " + "; ".join(gaps))
+    for ipc in args.ipcs:
+        dam, dm = pooled("DataDAM", ipc), pooled("DM", ipc)
+        print(f"  DataDAM - DM at IPC {ipc}: {100 * (dam['mean'] - dm['mean']):+.2f} pts "
+              f"({(dam['mean'] - dm['mean']) / (dm['std'] or float('nan')):+.1f} DM std)")
+
+    print("\nDWA within-class diversity (mean pairwise teacher-embedding distance), DWA vs SRe2L:")
+    for ipc in [i for i in args.ipcs if i > 1]:
+        d = statistics.fmean(runs[f"DWA|{ipc}|{s}"]["diversity"] for s in args.seeds)
+        r = statistics.fmean(runs[f"SRe2L|{ipc}|{s}"]["diversity"] for s in args.seeds)
+        print(f"  IPC {ipc}: DWA {d:.3f} vs SRe2L {r:.3f} (ratio {d / r:.3f})")
+    print("  teacher test accuracy: " + ", ".join(f"{100 * v:.2f}" for v in results["teacher"].values()))
+
+    control = results["mirror_control"]
+    for label in ("DM", "DM+FYI"):
+        s = summary([a for seed in args.seeds for a in control[f"{label}|1|{seed}"]])
+        print(f"mirror digits, IPC 1, {label}: {100 * s['mean']:.2f} ± {100 * s['std']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
