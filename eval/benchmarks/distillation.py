@@ -8,7 +8,7 @@ final iterate, ``--num-eval`` fresh networks per set):
 - random real subset (the baseline), DM, DataDAM (p = 4), DataDAM + FYI;
 - DWA (rho = 15e-3) and SRe2L (rho = 0) against a ConvNetBN-D2 teacher trained per seed,
   each evaluated with hard labels and with the teacher's soft labels (KD, T = 4, mixup);
-- the full train split as the upper bound.
+- the full train split as the upper bound (``--full-evals`` networks per seed).
 
 It prints mean ± std test accuracy over seeds x networks, each method's gap to the random
 subset in pooled standard deviations, the wall time of one distillation iteration (one
@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import genforge
 from genforge.distill import EvalOptions, RealData, evaluate_synthetic, load_real
-from genforge.distill.dwa import DWAOptions, train_teacher
+from genforge.distill.dwa import DWAOptions, load_teacher, train_teacher
 from genforge.distill.evaluate import accuracy_on
 from genforge.distill.seeding import stream
 
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1000, help="DM/DataDAM iterations")
     parser.add_argument("--dwa-iterations", type=int, default=500, help="DWA/SRe2L pixel steps per batch")
     parser.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
+    parser.add_argument("--full-evals", type=int, default=1, help="networks per seed trained on the full split")
     parser.add_argument("--out", default="runs/bench/distillation.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -92,13 +94,21 @@ def main() -> None:
     soft = EvalOptions(num_eval=args.num_eval, epochs=args.epochs, soft="teacher")
     teachers = {}
     for seed in args.seeds:
-        teachers[seed] = train_teacher(real, DWAOptions(teacher_width=32, teacher_depth=2), seed, progress=False)
+        file = out.with_name(f"teacher_seed{seed}.safetensors")
+        options = DWAOptions(teacher_width=32, teacher_depth=2)
+        if file.is_file():
+            teachers[seed] = load_teacher(file, real, options)
+        else:
+            teachers[seed] = train_teacher(real, options, seed, progress=False)
+            save_file({k: v.contiguous() for k, v in teachers[seed].state_dict().items()}, str(file))
         results.setdefault("teacher", {})[str(seed)] = accuracy_on(teachers[seed], test)
+        print(f"teacher seed {seed}: {100 * results['teacher'][str(seed)]:.2f}%", flush=True)
 
     if "full" not in results:
         accs = []
+        full = EvalOptions(num_eval=args.full_evals, epochs=args.epochs)
         for seed in args.seeds:
-            accs += evaluate_synthetic(real.images, real.labels, test, hard, seed=seed, progress=False).accuracies
+            accs += evaluate_synthetic(real.images, real.labels, test, full, seed=seed, progress=False).accuracies
         results["full"] = summary(accs)
         save()
     print(f"full train split: {100 * results['full']['mean']:.2f} ± {100 * results['full']['std']:.2f}", flush=True)

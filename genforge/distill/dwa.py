@@ -41,7 +41,7 @@ from genforge.distill.data import RealData
 from genforge.distill.evaluate import EvalOptions, accuracy_on, train_network
 from genforge.distill.fyi import flip_concat
 from genforge.distill.networks import build_convnet
-from genforge.distill.seeding import stream, stream_seed
+from genforge.distill.seeding import INIT_STREAM, stream, stream_seed
 
 __all__ = ["BNStatisticsLoss", "DWAOptions", "directed_weight_adjustment", "distill_dwa", "load_teacher",
            "recover_batch", "train_teacher"]
@@ -197,9 +197,10 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
     options.check()
     if real.zca is not None:
         raise ValueError("DWA clips pixels to the [0, 1] box in normalised space; it cannot run on ZCA-whitened data")
-    short = [c for c in range(real.num_classes) if real.class_count(c) < 1]
+    short = [c for c in range(real.num_classes) if real.class_count(c) < ipc]
     if short:
-        raise ValueError(f"classes {short} have no real image to initialise DWA's batches from")
+        raise ValueError(f"ipc={ipc} is larger than the number of real images of class(es) {short}: "
+                         "each DWA batch starts from a distinct real image per class")
     ipc_ids = list(range(ipc)) if ipc_ids is None else list(ipc_ids)
     teacher = teacher.eval()
     box = _pixel_box(real)
@@ -211,9 +212,11 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
         if resume and file is not None and file.is_file():
             images.append(load_file(str(file))["images"])
             continue
-        g = stream(seed, ipc_id)
-        init = torch.cat([real.sample(c, 1, g) for c in range(real.num_classes)])
-        batch = recover_batch(teacher, init, targets, options, box, g, flip=flip)
+        # batch k starts from the k-th image of each class's seeded draw: the images the random
+        # subset of the same seed holds, distinct across batches
+        init = torch.stack([real.sample(c, ipc_id + 1, stream(seed, c, INIT_STREAM))[ipc_id]
+                            for c in range(real.num_classes)])
+        batch = recover_batch(teacher, init, targets, options, box, stream(seed, ipc_id), flip=flip)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(file.name + ".tmp")

@@ -91,9 +91,10 @@ def load_distill_recipe(path, overrides: dict | None = None) -> DistillRecipe:
 
 def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress: bool = True) -> dict:
     """Distil, save, draw and evaluate; returns the metrics written to ``metrics.json``."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets several CPU processes split a run
     out = Path(recipe.output_dir)
     data = dataclasses.asdict(recipe.data)
     test_root, zca = data.pop("test_root"), data.pop("zca")

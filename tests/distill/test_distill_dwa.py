@@ -149,3 +149,15 @@ def test_bn_matching_loss_is_zero_at_the_running_statistics_and_weights_the_firs
 def test_networks_without_batch_norm_are_refused():
     with pytest.raises(ValueError, match="BatchNorm2d"):
         BNStatisticsLoss(build_convnet(1, 3, 8, width=4, depth=1, norm="instancenorm"), 11.0, 10.0)
+
+
+def test_dwa_batches_start_from_the_random_subset_of_the_same_seed(digits):
+    import genforge
+
+    real, _ = digits
+    subset = genforge.distill("random", real, ipc=2, seed=4)
+    teacher = build_convnet(1, 10, 8, width=4, depth=2, norm="batchnorm", seed=0).eval()
+    start = genforge.distill("dwa", real, ipc=2, seed=4, teacher=teacher, iterations=1, lr=1e-12, rho=0.0,
+                             progress=False)
+    torch.testing.assert_close(start.images, subset.images, atol=1e-6, rtol=0)
+    assert torch.equal(start.labels, subset.labels)

@@ -66,3 +66,24 @@ def test_cli_resume_continues_a_run(tmp_path):
 def test_bad_recipes_are_refused_at_load(raw, message):
     with pytest.raises(ConfigError, match=message):
         recipe_from_mapping(raw)
+
+
+def test_two_processes_split_the_classes_and_reproduce_one_process(tmp_path):
+    """torchrun with 2 CPU processes (what accelerate does on 2 GPUs) gives the single-process set."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    path = _tiny(tmp_path, "datadam")
+    assert main(["distill", str(path), "--no-progress", "--output-dir", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "genforge.distill",
+                    str(path), "--no-progress", "--output-dir", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    one = SyntheticSet.load(tmp_path / "one" / "synthetic_set.safetensors")
+    two = SyntheticSet.load(tmp_path / "two" / "synthetic_set.safetensors")
+    assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == ["part_0.safetensors", "part_1.safetensors"]
+    assert torch.equal(one.labels, two.labels)
+    torch.testing.assert_close(one.images, two.images)
