@@ -5,8 +5,12 @@ Importing ``genforge`` (or this package) registers every family, after which
 checkpoint in a family's official repository layout. The families timm already has
 (DaViT, ConvFormer/CAFormer, PoolFormer, ECA-ResNet, HaloNet, ResNet-RS, NASNet, EvoNorm,
 weight-standardised convs) are used through timm directly; README.md lists their names.
+
+One module per family, each registering its models when imported here: ``moat``,
+``revcol``, ``rmt``, ``transnext``, ``unireplknet``.
 """
 
+from genforge.backbones import moat, revcol, rmt, transnext, unireplknet  # noqa: F401  (register the models)
 from genforge.backbones.registry import load_official, register_gf_model, register_official_converter
 
 __all__ = ["load_official", "register_gf_model", "register_official_converter"]

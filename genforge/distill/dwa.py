@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from genforge.core.state_dict import load_state_dict_strict, read_state_dict
 from genforge.distill.data import RealData
-from genforge.distill.evaluate import EvalOptions, accuracy_on, train_network
+from genforge.distill.evaluate import EvalOptions, train_network
 from genforge.distill.fyi import flip_concat
 from genforge.distill.networks import build_convnet
 from genforge.distill.seeding import INIT_STREAM, stream, stream_seed

@@ -10,7 +10,6 @@ import os
 import pickle
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as inception
