@@ -6,11 +6,13 @@ checkpoint in a family's official repository layout. The families timm already h
 (DaViT, ConvFormer/CAFormer, PoolFormer, ECA-ResNet, HaloNet, ResNet-RS, NASNet, EvoNorm,
 weight-standardised convs) are used through timm directly; README.md lists their names.
 
-One module per family, each registering its models when imported here: ``moat``,
-``revcol``, ``rmt``, ``transnext``, ``unireplknet``.
+One module per family, each registering its models when imported here: ``bcn``
+(Batch-Channel Normalisation ResNets), ``hornet``, ``ibnnet``, ``metaformer_extras``
+(IdentityFormer, RandFormer), ``moat``, ``revcol``, ``rmt``, ``transnext``, ``unireplknet``.
 """
 
-from genforge.backbones import moat, revcol, rmt, transnext, unireplknet  # noqa: F401  (register the models)
+from genforge.backbones import (  # noqa: F401  (each module registers its models)
+    bcn, hornet, ibnnet, metaformer_extras, moat, revcol, rmt, transnext, unireplknet)
 from genforge.backbones.registry import load_official, register_gf_model, register_official_converter
 
 __all__ = ["load_official", "register_gf_model", "register_official_converter"]

@@ -1,0 +1,230 @@
+"""IBN-Net: ResNets that mix Instance and Batch Normalization.
+
+Pan et al., "Two at Once: Enhancing Learning and Generalization Capacities via IBN-Net",
+ECCV 2018, arXiv 1807.09441. Implemented here (Sec. 3 and the official
+``ibnnet/resnet_ibn.py`` of XingangPan/IBN-Net):
+
+- IBN-a: in every residual block of stages 1-3 the first norm after ``conv1``
+  becomes IBN: the first ``int(ratio * C)`` channels (ratio 0.5, so exactly half) go
+  through affine InstanceNorm, the rest through BatchNorm, and the two are concatenated::
+
+      IBN(x) = [IN(x[:, :C/2]), BN(x[:, C/2:])]
+
+  Stage 4 stays plain BN, to keep its features discriminative.
+- IBN-b: an affine InstanceNorm on the block output after the residual add and
+  before the ReLU, ``relu(IN(F(x) + x))``. As in the official code it sits in the last block
+  of stages 1 and 2 and in the stem (IN replaces the stem's BN).
+
+The network is timm's ResNet (the torchvision layout, so the official keys load
+unchanged); the IBN layers are set into its blocks after it is built.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from genforge.backbones.registry import register_gf_model, register_official_converter
+
+__all__ = ["IBN", "IBNBasicBlock", "IBNBottleneck", "IBNResNet"]
+
+
+class IBN(nn.Module):
+    """Instance-Batch Normalization: affine IN on the first ``int(ratio * C)`` channels, BN on the rest."""
+
+    def __init__(self, planes: int, ratio: float = 0.5, device=None, dtype=None):
+        super().__init__()
+        self.half = int(planes * ratio)
+        self.IN = nn.InstanceNorm2d(self.half, affine=True, device=device, dtype=dtype)
+        self.BN = nn.BatchNorm2d(planes - self.half, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inst, batch = x.split((self.half, x.shape[1] - self.half), dim=1)
+        return torch.cat((self.IN(inst.contiguous()), self.BN(batch.contiguous())), dim=1)
+
+
+class IBNBasicBlock(BasicBlock):
+    """timm's BasicBlock with an optional IBN-b InstanceNorm ``IN`` after the residual add."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.IN: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        x = x + shortcut
+        if self.IN is not None:
+            x = self.IN(x)
+        return self.act2(x)
+
+
+class IBNBottleneck(Bottleneck):
+    """timm's Bottleneck with an optional IBN-b InstanceNorm ``IN`` after the residual add."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.IN: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        x = x + shortcut
+        if self.IN is not None:
+            x = self.IN(x)
+        return self.act3(x)
+
+
+class IBNResNet(ResNet):
+    """timm's ResNet with IBN-a / IBN-b layers; ``ibn_cfg[i]`` is 'a', 'b' or None for stage i."""
+
+    def __init__(
+            self,
+            block: type[IBNBasicBlock | IBNBottleneck] = IBNBottleneck,
+            layers: tuple[int, ...] = (3, 4, 6, 3),
+            ibn_cfg: tuple[str | None, ...] = ('a', 'a', 'a', None),
+            ibn_ratio: float = 0.5,
+            channels: tuple[int, ...] = (64, 128, 256, 512),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        if len(ibn_cfg) != len(layers) or any(mode not in ('a', 'b', None) for mode in ibn_cfg):
+            raise ValueError(f"ibn_cfg must give 'a', 'b' or None for each of the {len(layers)} stages; got {ibn_cfg}")
+        # zero_init_last=False: the official IBN-Net initialises every norm weight to 1
+        super().__init__(block=block, layers=layers, channels=channels, num_classes=num_classes, in_chans=in_chans,
+                         global_pool=global_pool, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         zero_init_last=False, device=device, dtype=dtype)
+        dd = dict(device=device, dtype=dtype)
+        if ibn_cfg[0] == 'b':
+            self.bn1 = nn.InstanceNorm2d(self.bn1.num_features, affine=True, **dd)
+        for i, mode in enumerate(ibn_cfg):
+            blocks = getattr(self, f'layer{i + 1}')
+            for j, blk in enumerate(blocks):
+                if mode == 'a':
+                    blk.bn1 = IBN(blk.bn1.num_features, ibn_ratio, **dd)
+                elif mode == 'b' and j == len(blocks) - 1 and len(blocks) > 1:
+                    # the official _make_layer: IBN-b on the last block of a stage (never its first)
+                    blk.IN = nn.InstanceNorm2d(channels[i] * block.expansion, affine=True, **dd)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """None beyond timm's rule (1-d params and biases); the official training decays all weights."""
+        return set()
+
+
+def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Official ``resnet_ibn.py`` keys are ours already (torchvision ResNet names, ``bn1.IN``/``bn1.BN``, ``IN``)."""
+    return dict(state_dict)
+
+
+for _prefix in ('gf_resnet18_ibn', 'gf_resnet34_ibn', 'gf_resnet50_ibn', 'gf_resnet101_ibn', 'gf_resnet_nano_ibn'):
+    register_official_converter(_prefix)(convert_official)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> IBNResNet:
+    return build_model_with_cfg(IBNResNet, variant, pretrained,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {**dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                   interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                   first_conv='conv1', classifier='fc', paper_ids='arXiv:1807.09441', license='mit'), **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'gf_resnet18_ibn_a.untrained': _cfg(),
+    'gf_resnet18_ibn_b.untrained': _cfg(),
+    'gf_resnet34_ibn_a.untrained': _cfg(),
+    'gf_resnet34_ibn_b.untrained': _cfg(),
+    'gf_resnet50_ibn_a.untrained': _cfg(),
+    'gf_resnet50_ibn_b.untrained': _cfg(),
+    'gf_resnet101_ibn_a.untrained': _cfg(),
+    'gf_resnet101_ibn_b.untrained': _cfg(),
+    'gf_resnet_nano_ibn_a.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
+    'gf_resnet_nano_ibn_b.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
+})
+
+_IBN_A = ('a', 'a', 'a', None)
+_IBN_B = ('b', 'b', None, None)
+_NANO = dict(block=IBNBasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 64))
+
+
+@register_gf_model
+def gf_resnet18_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-18-IBN-a: 11.7M params, 70.8% ImageNet-1k top-1 (README)."""
+    return _create('gf_resnet18_ibn_a', pretrained, block=IBNBasicBlock, layers=(2, 2, 2, 2), ibn_cfg=_IBN_A, **kwargs)
+
+
+@register_gf_model
+def gf_resnet18_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-18-IBN-b: 11.7M params."""
+    return _create('gf_resnet18_ibn_b', pretrained, block=IBNBasicBlock, layers=(2, 2, 2, 2), ibn_cfg=_IBN_B, **kwargs)
+
+
+@register_gf_model
+def gf_resnet34_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-34-IBN-a: 21.8M params, 74.2% ImageNet-1k top-1 (README)."""
+    return _create('gf_resnet34_ibn_a', pretrained, block=IBNBasicBlock, layers=(3, 4, 6, 3), ibn_cfg=_IBN_A, **kwargs)
+
+
+@register_gf_model
+def gf_resnet34_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-34-IBN-b: 21.8M params."""
+    return _create('gf_resnet34_ibn_b', pretrained, block=IBNBasicBlock, layers=(3, 4, 6, 3), ibn_cfg=_IBN_B, **kwargs)
+
+
+@register_gf_model
+def gf_resnet50_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-50-IBN-a: 25.6M params, 77.5% ImageNet-1k top-1 (README)."""
+    return _create('gf_resnet50_ibn_a', pretrained, block=IBNBottleneck, layers=(3, 4, 6, 3), ibn_cfg=_IBN_A, **kwargs)
+
+
+@register_gf_model
+def gf_resnet50_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-50-IBN-b: 25.6M params."""
+    return _create('gf_resnet50_ibn_b', pretrained, block=IBNBottleneck, layers=(3, 4, 6, 3), ibn_cfg=_IBN_B, **kwargs)
+
+
+@register_gf_model
+def gf_resnet101_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-101-IBN-a: 44.5M params, 78.6% ImageNet-1k top-1 (README)."""
+    return _create('gf_resnet101_ibn_a', pretrained, block=IBNBottleneck, layers=(3, 4, 23, 3), ibn_cfg=_IBN_A,
+                   **kwargs)
+
+
+@register_gf_model
+def gf_resnet101_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """ResNet-101-IBN-b: 44.6M params."""
+    return _create('gf_resnet101_ibn_b', pretrained, block=IBNBottleneck, layers=(3, 4, 23, 3), ibn_cfg=_IBN_B,
+                   **kwargs)
+
+
+@register_gf_model
+def gf_resnet_nano_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """A test-sized IBN-a ResNet (32x32 input): two basic blocks per stage, widths 16-64."""
+    return _create('gf_resnet_nano_ibn_a', pretrained, **{**_NANO, 'ibn_cfg': _IBN_A, **kwargs})
+
+
+@register_gf_model
+def gf_resnet_nano_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
+    """A test-sized IBN-b ResNet (32x32 input): two basic blocks per stage, widths 16-64."""
+    return _create('gf_resnet_nano_ibn_b', pretrained, **{**_NANO, 'ibn_cfg': _IBN_B, **kwargs})
