@@ -9,10 +9,13 @@ weight-standardised convs) are used through timm directly; README.md lists their
 One module per family, each registering its models when imported here: ``bcn``
 (Batch-Channel Normalisation ResNets), ``hornet``, ``ibnnet``, ``metaformer_extras``
 (IdentityFormer, RandFormer), ``moat``, ``revcol``, ``rmt``, ``transnext``, ``unireplknet``.
+``DiffusionClassifier`` probes the features of a trained diffusion network
+(``diffusion_classifier``).
 """
 
 from genforge.backbones import (  # noqa: F401  (each module registers its models)
     bcn, hornet, ibnnet, metaformer_extras, moat, revcol, rmt, transnext, unireplknet)
+from genforge.backbones.diffusion_classifier import DiffusionClassifier, PixelProbe
 from genforge.backbones.registry import load_official, register_gf_model, register_official_converter
 
-__all__ = ["load_official", "register_gf_model", "register_official_converter"]
+__all__ = ["DiffusionClassifier", "PixelProbe", "load_official", "register_gf_model", "register_official_converter"]

@@ -1,5 +1,9 @@
-"""Trainable methods; importing this package registers them with the training loop."""
+"""Trainable methods; importing this package registers them with the training loop.
 
-from genforge.methods import diffusion
+``diffusion`` (``dimr``, ``dit``, ``unet2d``), ``classification`` (``classifier``: any timm
+model) and ``diffusion_probe`` (a head on frozen diffusion features).
+"""
 
-__all__ = ["diffusion"]
+from genforge.methods import classification, diffusion, diffusion_probe
+
+__all__ = ["classification", "diffusion", "diffusion_probe"]

@@ -7,6 +7,7 @@ See :mod:`genforge.metrics.fidelity` (FID, Heusel et al. 2017, arXiv:1706.08500)
 """
 
 from genforge.metrics.agreement import classifier_agreement, per_class_agreement
+from genforge.metrics.calibration import ReliabilityDiagram, expected_calibration_error, reliability_diagram
 from genforge.metrics.digits_classifier import (
     DigitsCNN,
     digits_test_accuracy,
@@ -25,8 +26,8 @@ from genforge.metrics.fidelity import (
 register_digits_feature_extractor()
 
 __all__ = [
-    "DIGITS_EXTRACTOR", "DigitsCNN", "FeatureExtractorDigitsCNN", "classifier_agreement",
-    "compute_fidelity", "digits_test_accuracy", "images_from_array", "load_digits_classifier",
-    "load_image_source", "per_class_agreement", "register_digits_feature_extractor",
-    "train_digits_classifier",
+    "DIGITS_EXTRACTOR", "DigitsCNN", "FeatureExtractorDigitsCNN", "ReliabilityDiagram",
+    "classifier_agreement", "compute_fidelity", "digits_test_accuracy", "expected_calibration_error",
+    "images_from_array", "load_digits_classifier", "load_image_source", "per_class_agreement",
+    "register_digits_feature_extractor", "reliability_diagram", "train_digits_classifier",
 ]

@@ -1,0 +1,110 @@
+"""The ``classifier`` method: any timm model trained with cross-entropy on a genforge dataset."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_model, save_model
+
+from genforge.config import ConfigError, load_recipe, recipe_from_dict
+from genforge.data import build_dataset
+from genforge.methods.classification import ClassifierMethod, classification_metrics, predict_logits
+from genforge.train import train
+
+
+def classifier_recipe(tmp_path, **model):
+    return recipe_from_dict({
+        "method": "classifier", "seed": 0, "output_dir": str(tmp_path / "run"),
+        "data": {"name": "digits", "image_size": 8, "batch_size": 32},
+        "model": {"name": "test_resnet", **model},
+        "train": {"max_steps": 30, "lr": 3e-3, "log_every": 5, "ema_decay": 0.5, "checkpoint_every": 100},
+        "eval": {"batch_size": 360},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train(classifier_recipe(tmp_path_factory.mktemp("classifier"), label_smoothing=0.1))
+
+
+def test_cross_entropy_falls_on_digits(trained):
+    rows = [json.loads(line) for line in (trained.output_dir / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows]
+    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+    assert rows[-1]["train_accuracy"] > rows[0]["train_accuracy"]
+
+
+def test_saved_ema_weights_reload_to_the_reported_test_metrics(trained):
+    out = trained.output_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1
+    config = json.loads((out / "model_config.json").read_text())
+    assert config == {"model_name": "test_resnet", "num_classes": 10, "in_chans": 1}
+    model = timm.create_model(**config)
+    load_model(model, str(out / "model.safetensors"))
+    assert metrics["num_params"] == sum(p.numel() for p in model.parameters())
+    test_set = build_dataset("digits", split="test", image_size=8)
+    again = classification_metrics(*predict_logits(model, test_set, batch_size=100))
+    assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert again["test_ece"] == pytest.approx(metrics["test_ece"], abs=1e-6)
+
+
+def test_channels_and_classes_follow_the_dataset(tmp_path):
+    model = ClassifierMethod(classifier_recipe(tmp_path)).build_model()
+    assert model.num_classes == 10 and model.conv1[0].in_channels == 1
+
+
+def test_no_weight_decay_for_1d_params_and_the_models_own_list(tmp_path):
+    recipe = classifier_recipe(tmp_path, name="test_vit", kwargs={"img_size": 8, "patch_size": 2})
+    recipe.train.weight_decay = 0.05
+    method = ClassifierMethod(recipe)
+    model = method.build_model()
+    decay_of = {id(p): g["weight_decay"] for g in method.parameter_groups(model) for p in g["params"]}
+    for name, param in model.named_parameters():
+        exempt = param.ndim <= 1 or name in model.no_weight_decay()
+        assert decay_of[id(param)] == (0.0 if exempt else 0.05), name
+    assert decay_of[id(model.pos_embed)] == 0.0 and decay_of[id(model.cls_token)] == 0.0
+
+
+def test_pretrained_file_is_loaded_through_timm_with_its_head_when_the_classes_match(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    save_model(source, str(tmp_path / "weights.safetensors"))
+    recipe = classifier_recipe(tmp_path, pretrained_file=str(tmp_path / "weights.safetensors"))
+    loaded = ClassifierMethod(recipe).build_model().state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(tensor, loaded[name]), name
+
+
+def test_a_pretrained_head_for_other_classes_is_replaced_and_the_stem_adapted(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=1000, in_chans=3)
+    save_model(source, str(tmp_path / "imagenet.safetensors"))
+    recipe = classifier_recipe(tmp_path, pretrained_file=str(tmp_path / "imagenet.safetensors"))
+    model = ClassifierMethod(recipe).build_model()
+    assert model.fc.out_features == 10
+    torch.testing.assert_close(model.conv1[0].weight, source.conv1[0].weight.sum(1, keepdim=True))
+    torch.testing.assert_close(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"label_smothing": 0.1}, "did you mean 'label_smoothing'"),
+    ({"name": "resnet18x"}, "'resnet18x' is not a timm model; did you mean 'resnet18'"),
+    ({"kwargs": {"num_classes": 3}}, "kwargs.num_classes is set by the method"),
+    ({"pretrained_file": "/nonexistent/w.safetensors"}, "is not a file"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be a number in \[0, 1\)"),
+])
+def test_bad_model_sections_are_refused_when_the_recipe_loads(tmp_path, model, message):
+    with pytest.raises(ConfigError, match=message):
+        classifier_recipe(tmp_path, **model)
+
+
+def test_a_kwarg_the_timm_model_lacks_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="do not fit timm model 'test_resnet'"):
+        ClassifierMethod(classifier_recipe(tmp_path, kwargs={"bogus": 1})).build_model()
+
+
+def test_shipped_recipe_loads():
+    recipe = load_recipe("recipes/backbones/resnet18_digits.yaml")
+    assert recipe.model["name"] == "resnet18" and recipe.data.image_size == 32 and recipe.data.resize == "resize"
