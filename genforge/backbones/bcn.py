@@ -37,11 +37,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import StdConv2d
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model, register_official_converter
+from genforge.backbones.resnet_cfg import RESNET_DEPTHS, build_resnet, resnet_default_cfgs
 
 __all__ = ["BatchChannelNorm2d", "EstimatedBatchNorm2d", "WSBCNResNet", "standardize_convs"]
 
@@ -183,53 +183,46 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
     return out
 
 
-for _prefix in ('gf_resnet18_ws_bcn', 'gf_resnet34_ws_bcn', 'gf_resnet50_ws_bcn', 'gf_resnet101_ws_bcn',
-                'gf_resnet_nano_ws_bcn'):
+# model name -> its WSBCNResNet arguments
+_ARCHS = {
+    **{f'gf_resnet{depth}_ws_bcn': dict(block=Bottleneck if bottleneck else BasicBlock, layers=layers)
+       for depth, (layers, bottleneck) in RESNET_DEPTHS.items()},
+    'gf_resnet_nano_ws_bcn': dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 32, 64, 64), bcn_groups=8,
+                                  zero_init_last=False),
+}
+
+for _prefix in _ARCHS:
     register_official_converter(_prefix)(convert_official)
+
+default_cfgs = resnet_default_cfgs(_ARCHS, 'arXiv:1903.10520')
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> WSBCNResNet:
-    return build_model_with_cfg(WSBCNResNet, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)), **kwargs)
-
-
-def _cfg(**kwargs) -> dict:
-    return {**dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                   interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                   first_conv='conv1', classifier='fc', paper_ids='arXiv:1903.10520', license='mit'), **kwargs}
-
-
-default_cfgs = generate_default_cfgs({
-    'gf_resnet18_ws_bcn.untrained': _cfg(),
-    'gf_resnet34_ws_bcn.untrained': _cfg(),
-    'gf_resnet50_ws_bcn.untrained': _cfg(),
-    'gf_resnet101_ws_bcn.untrained': _cfg(),
-    'gf_resnet_nano_ws_bcn.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
-})
+    return build_resnet(WSBCNResNet, variant, pretrained, **{**_ARCHS[variant], **kwargs})
 
 
 @register_gf_model
 def gf_resnet18_ws_bcn(pretrained: bool = False, **kwargs) -> WSBCNResNet:
     """ResNet-18 with WS + BCN (official ``l_resnet18``): 11.7M params."""
-    return _create('gf_resnet18_ws_bcn', pretrained, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+    return _create('gf_resnet18_ws_bcn', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet34_ws_bcn(pretrained: bool = False, **kwargs) -> WSBCNResNet:
     """ResNet-34 with WS + BCN (official ``l_resnet34``): 21.8M params."""
-    return _create('gf_resnet34_ws_bcn', pretrained, block=BasicBlock, layers=(3, 4, 6, 3), **kwargs)
+    return _create('gf_resnet34_ws_bcn', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet50_ws_bcn(pretrained: bool = False, **kwargs) -> WSBCNResNet:
     """ResNet-50 with WS + BCN (official ``l_resnet50``, released ImageNet weights): 25.6M params."""
-    return _create('gf_resnet50_ws_bcn', pretrained, block=Bottleneck, layers=(3, 4, 6, 3), **kwargs)
+    return _create('gf_resnet50_ws_bcn', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet101_ws_bcn(pretrained: bool = False, **kwargs) -> WSBCNResNet:
     """ResNet-101 with WS + BCN (official ``l_resnet101``, released ImageNet weights): 44.6M params."""
-    return _create('gf_resnet101_ws_bcn', pretrained, block=Bottleneck, layers=(3, 4, 23, 3), **kwargs)
+    return _create('gf_resnet101_ws_bcn', pretrained, **kwargs)
 
 
 @register_gf_model
@@ -239,6 +232,4 @@ def gf_resnet_nano_ws_bcn(pretrained: bool = False, **kwargs) -> WSBCNResNet:
     Its residual branches do not start at zero (``zero_init_last=False``), so every parameter
     gets a gradient from the first step.
     """
-    return _create('gf_resnet_nano_ws_bcn', pretrained, **{
-        **dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 32, 64, 64), bcn_groups=8,
-               zero_init_last=False), **kwargs})
+    return _create('gf_resnet_nano_ws_bcn', pretrained, **kwargs)

@@ -22,11 +22,11 @@ unchanged); the IBN layers are set into its blocks after it is built.
 from __future__ import annotations
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model, register_official_converter
+from genforge.backbones.resnet_cfg import RESNET_DEPTHS, build_resnet, resnet_default_cfgs
 
 __all__ = ["IBN", "IBNBasicBlock", "IBNBottleneck", "IBNResNet"]
 
@@ -45,17 +45,15 @@ class IBN(nn.Module):
         return torch.cat((self.IN(inst.contiguous()), self.BN(batch.contiguous())), dim=1)
 
 
-class IBNBasicBlock(BasicBlock):
-    """timm's BasicBlock with an optional IBN-b InstanceNorm ``IN`` after the residual add."""
+class _PostAddIN(nn.Module):
+    """The end of a timm residual block, with IBN-b's optional InstanceNorm ``IN`` after the residual add."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.IN: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
+    def _close(self, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """``act(IN(drop_path(se(x)) + shortcut))``, each of SE, drop path and IN where present."""
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
@@ -63,29 +61,26 @@ class IBNBasicBlock(BasicBlock):
         x = x + shortcut
         if self.IN is not None:
             x = self.IN(x)
-        return self.act2(x)
+        return act(x)
 
 
-class IBNBottleneck(Bottleneck):
+class IBNBasicBlock(_PostAddIN, BasicBlock):
+    """timm's BasicBlock with an optional IBN-b InstanceNorm ``IN`` after the residual add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        return self._close(self.bn2(self.conv2(x)), shortcut, self.act2)
+
+
+class IBNBottleneck(_PostAddIN, Bottleneck):
     """timm's Bottleneck with an optional IBN-b InstanceNorm ``IN`` after the residual add."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.IN: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        x = x + shortcut
-        if self.IN is not None:
-            x = self.IN(x)
-        return self.act3(x)
+        return self._close(self.bn3(self.conv3(x)), shortcut, self.act3)
 
 
 class IBNResNet(ResNet):
@@ -135,96 +130,81 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
     return dict(state_dict)
 
 
-for _prefix in ('gf_resnet18_ibn', 'gf_resnet34_ibn', 'gf_resnet50_ibn', 'gf_resnet101_ibn', 'gf_resnet_nano_ibn'):
+# model name prefix -> the architecture's IBNResNet arguments; the name's last letter picks the IBN mode
+_ARCHS = {
+    **{f'gf_resnet{depth}_ibn': dict(block=IBNBottleneck if bottleneck else IBNBasicBlock, layers=layers)
+       for depth, (layers, bottleneck) in RESNET_DEPTHS.items()},
+    'gf_resnet_nano_ibn': dict(block=IBNBasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 64)),
+}
+_IBN_CFGS = {'a': ('a', 'a', 'a', None), 'b': ('b', 'b', None, None)}
+
+for _prefix in _ARCHS:
     register_official_converter(_prefix)(convert_official)
+
+default_cfgs = resnet_default_cfgs([f'{prefix}_{mode}' for prefix in _ARCHS for mode in _IBN_CFGS], 'arXiv:1807.09441')
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> IBNResNet:
-    return build_model_with_cfg(IBNResNet, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)), **kwargs)
-
-
-def _cfg(**kwargs) -> dict:
-    return {**dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                   interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                   first_conv='conv1', classifier='fc', paper_ids='arXiv:1807.09441', license='mit'), **kwargs}
-
-
-default_cfgs = generate_default_cfgs({
-    'gf_resnet18_ibn_a.untrained': _cfg(),
-    'gf_resnet18_ibn_b.untrained': _cfg(),
-    'gf_resnet34_ibn_a.untrained': _cfg(),
-    'gf_resnet34_ibn_b.untrained': _cfg(),
-    'gf_resnet50_ibn_a.untrained': _cfg(),
-    'gf_resnet50_ibn_b.untrained': _cfg(),
-    'gf_resnet101_ibn_a.untrained': _cfg(),
-    'gf_resnet101_ibn_b.untrained': _cfg(),
-    'gf_resnet_nano_ibn_a.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
-    'gf_resnet_nano_ibn_b.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
-})
-
-_IBN_A = ('a', 'a', 'a', None)
-_IBN_B = ('b', 'b', None, None)
-_NANO = dict(block=IBNBasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 64))
+    """``<prefix>_<mode>``: the architecture of ``_ARCHS[prefix]`` with ``ibn_cfg`` of the mode; ``kwargs`` override."""
+    prefix, mode = variant.rsplit('_', 1)
+    return build_resnet(IBNResNet, variant, pretrained, **{**_ARCHS[prefix], 'ibn_cfg': _IBN_CFGS[mode], **kwargs})
 
 
 @register_gf_model
 def gf_resnet18_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-18-IBN-a: 11.7M params, 70.8% ImageNet-1k top-1 (README)."""
-    return _create('gf_resnet18_ibn_a', pretrained, block=IBNBasicBlock, layers=(2, 2, 2, 2), ibn_cfg=_IBN_A, **kwargs)
+    return _create('gf_resnet18_ibn_a', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet18_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-18-IBN-b: 11.7M params."""
-    return _create('gf_resnet18_ibn_b', pretrained, block=IBNBasicBlock, layers=(2, 2, 2, 2), ibn_cfg=_IBN_B, **kwargs)
+    return _create('gf_resnet18_ibn_b', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet34_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-34-IBN-a: 21.8M params, 74.2% ImageNet-1k top-1 (README)."""
-    return _create('gf_resnet34_ibn_a', pretrained, block=IBNBasicBlock, layers=(3, 4, 6, 3), ibn_cfg=_IBN_A, **kwargs)
+    return _create('gf_resnet34_ibn_a', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet34_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-34-IBN-b: 21.8M params."""
-    return _create('gf_resnet34_ibn_b', pretrained, block=IBNBasicBlock, layers=(3, 4, 6, 3), ibn_cfg=_IBN_B, **kwargs)
+    return _create('gf_resnet34_ibn_b', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet50_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-50-IBN-a: 25.6M params, 77.5% ImageNet-1k top-1 (README)."""
-    return _create('gf_resnet50_ibn_a', pretrained, block=IBNBottleneck, layers=(3, 4, 6, 3), ibn_cfg=_IBN_A, **kwargs)
+    return _create('gf_resnet50_ibn_a', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet50_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-50-IBN-b: 25.6M params."""
-    return _create('gf_resnet50_ibn_b', pretrained, block=IBNBottleneck, layers=(3, 4, 6, 3), ibn_cfg=_IBN_B, **kwargs)
+    return _create('gf_resnet50_ibn_b', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet101_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-101-IBN-a: 44.5M params, 78.6% ImageNet-1k top-1 (README)."""
-    return _create('gf_resnet101_ibn_a', pretrained, block=IBNBottleneck, layers=(3, 4, 23, 3), ibn_cfg=_IBN_A,
-                   **kwargs)
+    return _create('gf_resnet101_ibn_a', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet101_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
     """ResNet-101-IBN-b: 44.6M params."""
-    return _create('gf_resnet101_ibn_b', pretrained, block=IBNBottleneck, layers=(3, 4, 23, 3), ibn_cfg=_IBN_B,
-                   **kwargs)
+    return _create('gf_resnet101_ibn_b', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet_nano_ibn_a(pretrained: bool = False, **kwargs) -> IBNResNet:
     """A test-sized IBN-a ResNet (32x32 input): two basic blocks per stage, widths 16-64."""
-    return _create('gf_resnet_nano_ibn_a', pretrained, **{**_NANO, 'ibn_cfg': _IBN_A, **kwargs})
+    return _create('gf_resnet_nano_ibn_a', pretrained, **kwargs)
 
 
 @register_gf_model
 def gf_resnet_nano_ibn_b(pretrained: bool = False, **kwargs) -> IBNResNet:
     """A test-sized IBN-b ResNet (32x32 input): two basic blocks per stage, widths 16-64."""
-    return _create('gf_resnet_nano_ibn_b', pretrained, **{**_NANO, 'ibn_cfg': _IBN_B, **kwargs})
+    return _create('gf_resnet_nano_ibn_b', pretrained, **kwargs)

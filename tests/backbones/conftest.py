@@ -1,18 +1,28 @@
-"""The timm model contract every ``gf_`` backbone honours, as one reusable check.
+"""The timm model contract every ``gf_`` backbone honours, as one reusable check, and the
+checks the family tests share.
 
 ``check_timm_contract(name, img_size=..)`` is what a family's test calls for its tiny
 configuration; each assertion is one clause of the contract in specs/backbones.md.
+
+The test directories are not packages and each has its own ``conftest``, so the shared checks
+reach the tests as fixtures that return the function: ``timm_contract``, ``loss_falls``,
+``meta_model``, ``meta_param_count``, ``official_key_errors_named`` and ``randomise_running_stats``.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models import group_parameters
 
 import genforge  # noqa: F401  (registers the gf_ models)
+from genforge.backbones.registry import load_official
+from genforge.core.state_dict import StateDictError
 
 
 def _pooled_width(model) -> int:
@@ -96,3 +106,91 @@ def timm_contract(tmp_path):
     def check(name: str, **kwargs):
         assert_timm_contract(name, tmp_path=tmp_path, **kwargs)
     return check
+
+
+def assert_loss_falls(name: str, *, img_size: int, labels: tuple[int, ...], steps: int,
+                      optimizer=torch.optim.SGD, lr: float, in_chans: int = 3) -> None:
+    """From seed 0, a ``num_classes=3`` model and one random batch (an image per label) in train
+    mode: after ``steps`` optimiser steps on that batch its cross-entropy is below the first one."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, in_chans=in_chans).train()
+    x, y = torch.randn(len(labels), in_chans, img_size, img_size), torch.tensor(labels)
+    opt = optimizer(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps + 1):
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        if step < steps:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
+
+
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)`` on the meta device: structure and sizes without memory."""
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def meta_param_count(name: str, **kwargs) -> int:
+    """The number of parameters of ``timm.create_model(name, **kwargs)``, built on the meta device."""
+    return sum(p.numel() for p in meta_model(name, **kwargs).parameters())
+
+
+def assert_official_key_errors_named(name: str, official_state: dict[str, torch.Tensor], *,
+                                     missing: str | None = None, extra: str | None = None,
+                                     extra_shape: tuple[int, ...] = (1,), named: tuple[str, ...] = ()) -> None:
+    """``load_official(name, ...)`` of ``official_state`` less its key ``missing`` and/or plus a key
+    ``extra`` (zeros of ``extra_shape``) raises a StateDictError naming each of ``named``: the
+    model's names for those keys, by default the keys themselves."""
+    state = dict(official_state)
+    if missing is not None:
+        del state[missing]
+    if extra is not None:
+        state[extra] = torch.zeros(extra_shape, device=next(iter(state.values())).device)
+    with torch.device("meta"), pytest.raises(StateDictError) as err:
+        load_official(name, state)
+    for key in named or [k for k in (missing, extra) if k is not None]:
+        assert key in str(err.value), key
+
+
+def randomise_running_stats(module: torch.nn.Module, generator: torch.Generator | int = 0) -> torch.nn.Module:
+    """Random BN running means (0.5 N(0, 1)) and variances (0.5 + U(0, 1)) from ``generator`` (or a
+    generator seeded with it), as a trained model has; returns the module in eval mode, where BN uses them."""
+    g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(generator)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(0.5 * torch.randn(buf.shape, generator=g))
+            elif name.endswith("running_var"):
+                buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
+    return module.eval()
+
+
+@pytest.fixture
+def loss_falls():
+    """``loss_falls(name, img_size=.., labels=.., steps=.., optimizer=.., lr=..)``: see ``assert_loss_falls``."""
+    return assert_loss_falls
+
+
+@pytest.fixture(name="meta_model")
+def meta_model_fixture():
+    return meta_model
+
+
+@pytest.fixture(name="meta_param_count")
+def meta_param_count_fixture():
+    return meta_param_count
+
+
+@pytest.fixture(name="randomise_running_stats")
+def randomise_running_stats_fixture():
+    return randomise_running_stats
+
+
+@pytest.fixture
+def official_key_errors_named():
+    """``official_key_errors_named(name, state, missing=.., extra=.., named=..)``: see
+    ``assert_official_key_errors_named``."""
+    return assert_official_key_errors_named

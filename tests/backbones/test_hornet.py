@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import genforge.backbones.hornet  # noqa: F401  (registers the gf_hornet_* models)
 from genforge.backbones.hornet import GlobalLocalFilter, GnConv, HorNetBlock, gnconv_widths
 from genforge.backbones.registry import load_official
-from genforge.core.state_dict import StateDictError
 
 OFFICIAL = json.loads((Path(__file__).parents[1] / "fixtures/backbones/hornet_official_keys.json").read_text())
 
@@ -25,15 +24,8 @@ def test_nano_honours_the_timm_contract(timm_contract):
     timm_contract("gf_hornet_nano", img_size=32)
 
 
-def test_nano_trains_one_step():
-    torch.manual_seed(0)
-    model = timm.create_model("gf_hornet_nano", num_classes=3)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss) and F.cross_entropy(model(x), y) < loss
+def test_nano_trains_one_step(loss_falls):
+    loss_falls("gf_hornet_nano", img_size=32, labels=(0, 2), steps=1, optimizer=torch.optim.SGD, lr=0.1)
 
 
 @pytest.mark.parametrize("dim", [64, 128, 512])
@@ -136,9 +128,8 @@ def test_layer_scale_starts_at_1e_6_so_blocks_start_near_identity():
     assert HorNetBlock(32, order=3, scale=1 / 3, layer_scale_init_value=0).gamma1 is None
 
 
-def test_gf_variant_puts_the_global_filter_in_stages_3_and_4_only():
-    with torch.device("meta"):
-        model = timm.create_model("gf_hornet_tiny_gf")
+def test_gf_variant_puts_the_global_filter_in_stages_3_and_4_only(meta_model):
+    model = meta_model("gf_hornet_tiny_gf")
     kinds = [{type(b.gnconv.dwconv).__name__ for b in stage.blocks} for stage in model.stages]
     assert kinds == [{"Conv2d"}, {"Conv2d"}, {"GlobalLocalFilter"}, {"GlobalLocalFilter"}]
     assert [{b.gnconv.order for b in stage.blocks} for stage in model.stages] == [{2}, {3}, {4}, {5}]
@@ -148,10 +139,8 @@ def test_gf_variant_puts_the_global_filter_in_stages_3_and_4_only():
 # HorNet README (raoyongming/HorNet), ImageNet-1k table: HorNet-T 7x7 22M, T GF 23M, S 7x7 50M,
 # B GF 88M parameters.
 @pytest.mark.parametrize("name, paper_params", [("gf_hornet_small_7x7", 50e6), ("gf_hornet_base_gf", 88e6)])
-def test_parameter_count_matches_the_paper(name, paper_params):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    n = sum(p.numel() for p in model.parameters())
+def test_parameter_count_matches_the_paper(meta_param_count, name, paper_params):
+    n = meta_param_count(name)
     assert abs(n - paper_params) / paper_params < 0.05, n
 
 
@@ -164,11 +153,7 @@ def test_official_checkpoint_layout_loads_strictly_with_the_paper_parameter_coun
     assert abs(n - paper_params) / paper_params < 0.05, n
 
 
-def test_a_missing_or_extra_official_key_is_named():
-    state = _official_zeros("hornet_tiny_7x7")
-    del state["stages.2.5.gnconv.pws.1.weight"]
-    state["stages.3.1.gnconv.bogus"] = torch.zeros(1)
-    with torch.device("meta"), pytest.raises(StateDictError) as err:
-        load_official("gf_hornet_tiny_7x7", state)
-    assert "stages.2.blocks.5.gnconv.pws.1.weight" in str(err.value)
-    assert "stages.3.blocks.1.gnconv.bogus" in str(err.value)
+def test_a_missing_or_extra_official_key_is_named(official_key_errors_named):
+    official_key_errors_named("gf_hornet_tiny_7x7", _official_zeros("hornet_tiny_7x7"),
+                              missing="stages.2.5.gnconv.pws.1.weight", extra="stages.3.1.gnconv.bogus",
+                              named=("stages.2.blocks.5.gnconv.pws.1.weight", "stages.3.blocks.1.gnconv.bogus"))

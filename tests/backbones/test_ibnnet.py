@@ -13,7 +13,6 @@ from torch import nn
 import genforge.backbones.ibnnet  # noqa: F401  (registers the gf_resnet*_ibn_* models)
 from genforge.backbones.ibnnet import IBN
 from genforge.backbones.registry import load_official
-from genforge.core.state_dict import StateDictError
 
 OFFICIAL = json.loads((Path(__file__).parents[1] / "fixtures/backbones/ibnnet_official_keys.json").read_text())
 
@@ -22,29 +21,13 @@ def _official_zeros(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(shape) for k, shape in OFFICIAL["models"][name]["state_dict"].items()}
 
 
-def _meta(name: str):
-    with torch.device("meta"):
-        return timm.create_model(name)
-
-
 @pytest.mark.parametrize("name", ["gf_resnet_nano_ibn_a", "gf_resnet_nano_ibn_b"])
 def test_nano_honours_the_timm_contract(timm_contract, name):
     timm_contract(name, img_size=32)
 
 
-def test_nano_loss_falls_over_a_few_sgd_steps():
-    torch.manual_seed(0)
-    model = timm.create_model("gf_resnet_nano_ibn_a", num_classes=3)
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(3):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+def test_nano_loss_falls_over_a_few_sgd_steps(loss_falls):
+    loss_falls("gf_resnet_nano_ibn_a", img_size=64, labels=(0, 1), steps=2, optimizer=torch.optim.SGD, lr=0.01)
 
 
 @pytest.mark.parametrize("planes", [64, 128, 7])
@@ -77,8 +60,8 @@ def test_ibn_is_instance_norm_on_the_first_half_and_batch_norm_on_the_rest():
     assert not torch.allclose(out[0, 4:], out2[0, 4:])
 
 
-def test_ibn_a_modifies_the_first_norm_of_every_block_in_stages_1_to_3_only():
-    model = _meta("gf_resnet50_ibn_a")
+def test_ibn_a_modifies_the_first_norm_of_every_block_in_stages_1_to_3_only(meta_model):
+    model = meta_model("gf_resnet50_ibn_a")
     assert type(model.bn1) is nn.BatchNorm2d
     for i, planes in enumerate((64, 128, 256, 512)):
         for blk in getattr(model, f"layer{i + 1}"):
@@ -91,8 +74,8 @@ def test_ibn_a_modifies_the_first_norm_of_every_block_in_stages_1_to_3_only():
             assert type(blk.bn2) is type(blk.bn3) is nn.BatchNorm2d
 
 
-def test_ibn_b_puts_instance_norm_in_the_stem_and_after_the_add_closing_stages_1_and_2():
-    model = _meta("gf_resnet50_ibn_b")
+def test_ibn_b_puts_instance_norm_in_the_stem_and_after_the_add_closing_stages_1_and_2(meta_model):
+    model = meta_model("gf_resnet50_ibn_b")
     assert isinstance(model.bn1, nn.InstanceNorm2d) and model.bn1.affine
     for i, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
         with_in = [j for j, blk in enumerate(layer) if blk.IN is not None]
@@ -119,9 +102,8 @@ def test_ibn_b_block_is_relu_of_instance_norm_of_the_residual_sum():
 @pytest.mark.parametrize("name, paper_params", [
     ("gf_resnet50_ibn_a", 25.6e6), ("gf_resnet50_ibn_b", 25.6e6), ("gf_resnet18_ibn_a", 11.7e6),
     ("gf_resnet101_ibn_a", 44.5e6)])
-def test_parameter_count_matches_the_paper(name, paper_params):
-    model = _meta(name)
-    n = sum(p.numel() for p in model.parameters())
+def test_parameter_count_matches_the_paper(meta_param_count, name, paper_params):
+    n = meta_param_count(name)
     assert abs(n - paper_params) / paper_params < 0.05, n
     official = OFFICIAL["models"].get(name.removeprefix("gf_"))
     if official is not None:
@@ -135,13 +117,9 @@ def test_official_checkpoint_layout_loads_strictly(name):
     assert set(model.state_dict()) == set(OFFICIAL["models"][name]["state_dict"])
 
 
-def test_a_missing_or_extra_official_key_is_named():
-    state = _official_zeros("resnet50_ibn_a")
-    del state["layer2.3.bn1.IN.weight"]
-    state["layer4.0.IN.weight"] = torch.zeros(2048)  # IBN-b's post-add IN has no place in IBN-a
-    with torch.device("meta"), pytest.raises(StateDictError) as err:
-        load_official("gf_resnet50_ibn_a", state)
-    assert "layer2.3.bn1.IN.weight" in str(err.value) and "layer4.0.IN.weight" in str(err.value)
+def test_a_missing_or_extra_official_key_is_named(official_key_errors_named):
+    official_key_errors_named("gf_resnet50_ibn_a", _official_zeros("resnet50_ibn_a"), missing="layer2.3.bn1.IN.weight",
+                              extra="layer4.0.IN.weight", extra_shape=(2048,))  # IBN-b's post-add IN: none in IBN-a
 
 
 def test_a_bad_ibn_configuration_is_refused():

@@ -16,20 +16,9 @@ import genforge.backbones.moat  # noqa: F401  (registers the gf_*moat_* models)
 from genforge.backbones.moat import MBConvBlock, MoatBlock, RelativePositionBias
 
 
-def _randomise_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in module.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(0.5 * torch.randn(buf.shape, generator=g))
-            elif name.endswith("running_var"):
-                buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
-    return module.eval()
-
-
-def test_moat_block_is_mbconv_then_attention_with_no_mlp_after_it():
+def test_moat_block_is_mbconv_then_attention_with_no_mlp_after_it(randomise_running_stats):
     torch.manual_seed(0)
-    block = _randomise_bn(MoatBlock(16, 16, stride=1, head_size=8, pos_embed_size=4))
+    block = randomise_running_stats(MoatBlock(16, 16, stride=1, head_size=8, pos_embed_size=4))
     assert {name for name, _ in block.named_children()} == {"mbconv", "attn_norm", "attn", "rel_pos", "drop_path"}
     assert isinstance(block.mbconv.se, nn.Identity), "the MBConv inside a MOAT block has no SE"
     x = torch.randn(2, 16, 4, 4)
@@ -41,9 +30,9 @@ def test_moat_block_is_mbconv_then_attention_with_no_mlp_after_it():
         torch.testing.assert_close(block(x), expected)
 
 
-def test_mbconv_is_bn_expand_gelu_depthwise_gelu_project_plus_shortcut():
+def test_mbconv_is_bn_expand_gelu_depthwise_gelu_project_plus_shortcut(randomise_running_stats):
     torch.manual_seed(0)
-    block = _randomise_bn(MBConvBlock(8, 8, stride=1, se_ratio=None))
+    block = randomise_running_stats(MBConvBlock(8, 8, stride=1, se_ratio=None))
     assert block.expand_conv.out_channels == 32 and block.depthwise_conv.groups == 32  # expansion 4
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
@@ -52,9 +41,9 @@ def test_mbconv_is_bn_expand_gelu_depthwise_gelu_project_plus_shortcut():
         torch.testing.assert_close(block(x), x + block.shrink_conv(y))
 
 
-def test_downsampling_mbconv_strides_the_depthwise_conv_and_pools_the_shortcut():
+def test_downsampling_mbconv_strides_the_depthwise_conv_and_pools_the_shortcut(randomise_running_stats):
     torch.manual_seed(0)
-    block = _randomise_bn(MBConvBlock(8, 16, stride=2))
+    block = randomise_running_stats(MBConvBlock(8, 16, stride=2))
     assert block.depthwise_conv.stride == (2, 2) and block.expand_conv.stride == (1, 1)
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
@@ -113,19 +102,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_moat_nano", img_size=64)
 
 
-def test_a_few_training_steps_lower_the_loss():
-    torch.manual_seed(0)
-    model = timm.create_model("gf_moat_nano", num_classes=3).train()
-    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+def test_a_few_training_steps_lower_the_loss(loss_falls):
+    loss_falls("gf_moat_nano", img_size=64, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # deeplab2 g3doc/projects/moat_imagenet_pretrained_checkpoints.md (models with position embedding)
@@ -134,8 +112,6 @@ PAPER_PARAMS_M = {"gf_moat_0": 27.8, "gf_moat_1": 41.6, "gf_moat_2": 73.4,
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
-def test_paper_parameter_counts(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
+def test_paper_parameter_counts(meta_param_count, name):
+    count = meta_param_count(name) / 1e6
     assert abs(count - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, count

@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 import genforge.backbones.revcol  # noqa: F401  (registers the gf_revcol_* models)
 from genforge.backbones.registry import load_official
 from genforge.backbones.revcol import RevCol, intermediate_supervision_loss
-from genforge.core.state_dict import StateDictError
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "backbones" / "revcol_official_keys.json"
 NANO = dict(dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_classes=10)
@@ -201,21 +199,17 @@ def test_intermediate_supervision_loss_weighs_early_reconstruction_and_late_clas
 
 @pytest.mark.parametrize("name, paper_millions", [
     ("gf_revcol_tiny", 30), ("gf_revcol_small", 60), ("gf_revcol_base", 138)])  # official README table
-def test_paper_configs_have_the_paper_parameter_counts(name, paper_millions):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters())
+def test_paper_configs_have_the_paper_parameter_counts(meta_param_count, name, paper_millions):
+    count = meta_param_count(name)
     assert abs(count / 1e6 - paper_millions) / paper_millions < 0.05, count
 
 
-def test_tiny_has_exactly_the_official_classification_parameters():
+def test_tiny_has_exactly_the_official_classification_parameters(meta_param_count):
     """Official RevCol-T minus its auxiliary modules and the first column's gammas (which scale zero)."""
     official = sum(torch.Size(shape).numel() for key, shape in _official_keys().items()
                    if not key.startswith(("cls_blocks.0", "cls_blocks.1", "cls_blocks.2", "decoder_blocks"))
                    and not key.startswith("subnet0.alpha"))
-    with torch.device("meta"):
-        model = timm.create_model("gf_revcol_tiny")
-    assert sum(p.numel() for p in model.parameters()) == official
+    assert meta_param_count("gf_revcol_tiny") == official
 
 
 @pytest.mark.parametrize("inter_supv", [False, True])
@@ -227,15 +221,11 @@ def test_official_revcol_tiny_keys_load_strictly(inter_supv):
     assert (model.cls_blocks is not None) is inter_supv
 
 
-def test_a_missing_or_unknown_official_key_is_named():
-    with torch.device("meta"):
-        state = {k: torch.zeros(shape) for k, shape in _official_keys().items()}
-        missing = dict(state)
-        del missing["subnet2.level1.fusion.up.channel_reschedule.0.weight"]
-        with pytest.raises(StateDictError, match=r"columns\.2\.levels\.1\.fusion\.up\.proj\.weight"):
-            load_official("gf_revcol_tiny", missing)
-        with pytest.raises(StateDictError, match=r"stray\.weight"):
-            load_official("gf_revcol_tiny", {**state, "stray.weight": torch.zeros(1)})
+def test_a_missing_or_unknown_official_key_is_named(official_key_errors_named):
+    state = {k: torch.zeros(shape, device="meta") for k, shape in _official_keys().items()}
+    official_key_errors_named("gf_revcol_tiny", state, missing="subnet2.level1.fusion.up.channel_reschedule.0.weight",
+                              named=("columns.2.levels.1.fusion.up.proj.weight",))
+    official_key_errors_named("gf_revcol_tiny", state, extra="stray.weight")
 
 
 def test_bad_configurations_and_inputs_are_refused():

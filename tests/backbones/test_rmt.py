@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +13,6 @@ import genforge.backbones.rmt  # noqa: F401  (registers the gf_rmt_* models)
 from genforge.backbones.registry import load_official
 from genforge.backbones.rmt import (ManhattanSelfAttention, RetBlock, RetNetRelPos2d, decayed_attention,
                                     theta_shift)
-from genforge.core.state_dict import StateDictError
 
 OFFICIAL = json.loads((Path(__file__).parents[1] / "fixtures/backbones/rmt_official_keys.json").read_text())
 
@@ -79,14 +77,19 @@ def _naive_projections(attn: ManhattanSelfAttention, relpos: RetNetRelPos2d, x: 
     return _rope(q, relpos.angle), _rope(k, relpos.angle), v, lce[0].permute(1, 2, 0)
 
 
-def test_full_masa_equals_a_naive_2d_decay_reference():
+def _masa_case(H: int, W: int, C: int, heads: int, decomposed: bool):
+    """From seed 0: MaSA with random weights, its relative position, a random (1, H, W, C) input,
+    the naive projections of that input (q, k, v, lce) and log(gamma) per head."""
     torch.manual_seed(0)
-    H, W, C, heads = 3, 4, 8, 2
-    attn, relpos = ManhattanSelfAttention(C, heads, decomposed=False), RetNetRelPos2d(C, heads, 2, 4)
+    attn, relpos = ManhattanSelfAttention(C, heads, decomposed=decomposed), RetNetRelPos2d(C, heads, 2, 4)
     _randomise(attn)
     x = torch.randn(1, H, W, C)
-    q, k, v, lce = _naive_projections(attn, relpos, x)
-    log_gamma = _gammas(heads, 2, 4).log()
+    return attn, relpos, x, _naive_projections(attn, relpos, x), _gammas(heads, 2, 4).log()
+
+
+def test_full_masa_equals_a_naive_2d_decay_reference():
+    H, W, C, heads = 3, 4, 8, 2
+    attn, relpos, x, (q, k, v, lce), log_gamma = _masa_case(H, W, C, heads, decomposed=False)
     out = torch.zeros(H * W, heads, C // heads)
     for h in range(heads):
         for n in range(H * W):
@@ -98,13 +101,8 @@ def test_full_masa_equals_a_naive_2d_decay_reference():
 
 
 def test_decomposed_masa_equals_naive_1d_decay_attention_along_w_then_h():
-    torch.manual_seed(0)
     H, W, C, heads = 3, 4, 8, 2
-    attn, relpos = ManhattanSelfAttention(C, heads, decomposed=True), RetNetRelPos2d(C, heads, 2, 4)
-    _randomise(attn)
-    x = torch.randn(1, H, W, C)
-    q, k, v, lce = _naive_projections(attn, relpos, x)
-    log_gamma = _gammas(heads, 2, 4).log()
+    attn, relpos, x, (q, k, v, lce), log_gamma = _masa_case(H, W, C, heads, decomposed=True)
     along_w = torch.zeros_like(v)
     out = torch.zeros_like(v)
     for h in range(heads):
@@ -160,24 +158,15 @@ def test_nano_honours_the_timm_contract(timm_contract):
     timm_contract("gf_rmt_nano", img_size=32)
 
 
-def test_nano_trains_one_step():
-    torch.manual_seed(0)
-    model = timm.create_model("gf_rmt_nano", num_classes=3)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss) and F.cross_entropy(model(x), y) < loss
+def test_nano_trains_one_step(loss_falls):
+    loss_falls("gf_rmt_nano", img_size=32, labels=(0, 2), steps=1, optimizer=torch.optim.SGD, lr=0.05)
 
 
 @pytest.mark.parametrize("name,paper_millions", [
     # README of qhfan/RMT: RMT-T 14M, RMT-S 27M, RMT-B 54M, RMT-L 95M
     ("gf_rmt_t", 14), ("gf_rmt_s", 27), ("gf_rmt_b", 54), ("gf_rmt_l", 95)])
-def test_paper_configurations_have_the_paper_parameter_counts(name, paper_millions):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
+def test_paper_configurations_have_the_paper_parameter_counts(meta_param_count, name, paper_millions):
+    count = meta_param_count(name) / 1e6
     assert abs(count - paper_millions) / paper_millions < 0.05, count
 
 
@@ -192,11 +181,7 @@ def test_official_t3_checkpoint_layout_loads_strictly():
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL["num_params"]
 
 
-def test_a_missing_or_extra_official_key_is_named_in_the_error():
-    state = _official_meta_state()
-    del state["layers.1.downsample.reduction.weight"]
-    state["layers.2.blocks.0.retention.extra"] = torch.empty(1, device="meta")
-    with torch.device("meta"), pytest.raises(StateDictError) as err:
-        load_official("gf_rmt_t", state)
-    assert "stages.2.downsample.reduction.weight" in str(err.value)
-    assert "stages.2.blocks.0.retention.extra" in str(err.value)
+def test_a_missing_or_extra_official_key_is_named_in_the_error(official_key_errors_named):
+    official_key_errors_named("gf_rmt_t", _official_meta_state(), missing="layers.1.downsample.reduction.weight",
+                              extra="layers.2.blocks.0.retention.extra",
+                              named=("stages.2.downsample.reduction.weight", "stages.2.blocks.0.retention.extra"))

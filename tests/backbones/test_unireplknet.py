@@ -16,29 +16,28 @@ from torch import nn
 import genforge.backbones.unireplknet  # noqa: F401  (registers the gf_unireplknet_* models)
 from genforge.backbones.registry import load_official
 from genforge.backbones.unireplknet import DilatedReparamBlock, UniRepLKNetBlock, dilated_to_dense_kernel
-from genforge.core.state_dict import StateDictError
 
 OFFICIAL = json.loads((Path(__file__).parents[1] / "fixtures" / "backbones" / "unireplknet_official_keys.json")
                       .read_text())
 
 
-def _as_trained(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN running statistics, affine/GRN parameters and layer scales, as a trained model has.
+@pytest.fixture
+def as_trained(randomise_running_stats):
+    """``as_trained(module, seed=0)``: random BN running statistics, affine/GRN parameters and layer
+    scales, as a trained model has, in eval mode.
 
     At initialisation BN is the identity in eval mode and GRN/layer scale are ~0, which would
     let a wrong fusion pass unnoticed.
     """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in module.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(0.5 * torch.randn(buf.shape, generator=g))
-            elif name.endswith("running_var"):
-                buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
-        for name, p in module.named_parameters():
-            if p.ndim <= 1 or name.endswith(("grn.gamma", "grn.beta")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return module.eval()
+    def as_trained(module: nn.Module, seed: int = 0) -> nn.Module:
+        g = torch.Generator().manual_seed(seed)
+        randomise_running_stats(module, g)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.ndim <= 1 or name.endswith(("grn.gamma", "grn.beta")):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+        return module
+    return as_trained
 
 
 def test_dilated_kernel_equals_its_sparse_large_kernel():
@@ -52,7 +51,7 @@ def test_dilated_kernel_equals_its_sparse_large_kernel():
     torch.testing.assert_close(F.conv2d(x, dense, padding=4, groups=3), dilated)
 
 
-def test_dilated_reparam_block_is_a_large_conv_plus_dilated_branches_each_with_bn():
+def test_dilated_reparam_block_is_a_large_conv_plus_dilated_branches_each_with_bn(as_trained):
     block = DilatedReparamBlock(4, 13)
     assert block.lk_origin.kernel_size == (13, 13) and block.lk_origin.bias is None
     for k, r in ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5)):
@@ -60,15 +59,15 @@ def test_dilated_reparam_block_is_a_large_conv_plus_dilated_branches_each_with_b
         assert conv.kernel_size == (k, k) and conv.dilation == (r, r) and conv.groups == 4
         assert isinstance(getattr(block, f"dil_bn_k{k}_{r}"), nn.BatchNorm2d)
     x = torch.randn(2, 4, 15, 15)
-    block = _as_trained(block)
+    block = as_trained(block)
     branches = block.origin_bn(block.lk_origin(x)) + sum(
         getattr(block, f"dil_bn_k{k}_{r}")(getattr(block, f"dil_conv_k{k}_{r}")(x)) for k, r in block.branches)
     torch.testing.assert_close(block(x), branches)
 
 
-def test_dilated_reparam_block_merges_into_one_conv_in_eval_mode():
+def test_dilated_reparam_block_merges_into_one_conv_in_eval_mode(as_trained):
     torch.manual_seed(0)
-    block = _as_trained(DilatedReparamBlock(4, 13))
+    block = as_trained(DilatedReparamBlock(4, 13))
     x = torch.randn(2, 4, 19, 19)
     with torch.no_grad():
         expected = block(x)
@@ -80,9 +79,9 @@ def test_dilated_reparam_block_merges_into_one_conv_in_eval_mode():
 
 
 @pytest.mark.parametrize("kernel_size", [3, 13])
-def test_block_reparameterisation_folds_bn_grn_bias_and_layer_scale_exactly(kernel_size):
+def test_block_reparameterisation_folds_bn_grn_bias_and_layer_scale_exactly(as_trained, kernel_size):
     torch.manual_seed(0)
-    block = _as_trained(UniRepLKNetBlock(8, kernel_size))
+    block = as_trained(UniRepLKNetBlock(8, kernel_size))
     x = torch.randn(2, 8, 11, 11)
     with torch.no_grad():
         expected = block(x)
@@ -93,9 +92,9 @@ def test_block_reparameterisation_folds_bn_grn_bias_and_layer_scale_exactly(kern
     assert block.pwconv2.bias is not None
 
 
-def test_reparameterized_model_gives_the_training_structure_outputs():
+def test_reparameterized_model_gives_the_training_structure_outputs(as_trained):
     torch.manual_seed(0)
-    model = _as_trained(timm.create_model("gf_unireplknet_nano", num_classes=10))
+    model = as_trained(timm.create_model("gf_unireplknet_nano", num_classes=10))
     x = torch.randn(2, 3, 32, 32)
     fused = reparameterize_model(model)
     with torch.no_grad():
@@ -108,9 +107,9 @@ def test_reparameterized_model_gives_the_training_structure_outputs():
         assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
 
 
-def test_reparameterized_weights_load_into_the_deploy_structure():
+def test_reparameterized_weights_load_into_the_deploy_structure(as_trained):
     torch.manual_seed(0)
-    model = _as_trained(timm.create_model("gf_unireplknet_nano", num_classes=10))
+    model = as_trained(timm.create_model("gf_unireplknet_nano", num_classes=10))
     fused = reparameterize_model(model)
     deploy = timm.create_model("gf_unireplknet_nano", num_classes=10, deploy=True).eval()
     deploy.load_state_dict(fused.state_dict(), strict=True)
@@ -123,19 +122,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_unireplknet_nano", img_size=32)
 
 
-def test_a_few_training_steps_lower_the_loss():
-    torch.manual_seed(0)
-    model = timm.create_model("gf_unireplknet_nano", num_classes=3).train()
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+def test_a_few_training_steps_lower_the_loss(loss_falls):
+    loss_falls("gf_unireplknet_nano", img_size=32, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # Official README (AILab-CVC/UniRepLKNet) ImageNet-1k table; these are counts of the fused
@@ -144,17 +132,13 @@ PAPER_PARAMS_M = {"a": 4.4, "f": 6.2, "p": 10.7, "n": 18.3, "t": 31.0}
 
 
 @pytest.mark.parametrize("variant", sorted(PAPER_PARAMS_M))
-def test_paper_parameter_counts(variant):
-    with torch.device("meta"):
-        model = timm.create_model(f"gf_unireplknet_{variant}", deploy=True)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
+def test_paper_parameter_counts(meta_param_count, variant):
+    count = meta_param_count(f"gf_unireplknet_{variant}", deploy=True) / 1e6
     assert abs(count - PAPER_PARAMS_M[variant]) / PAPER_PARAMS_M[variant] < 0.05, count
 
 
-def test_fusing_the_training_structure_gives_the_deploy_structure():
-    with torch.device("meta"):
-        trained = timm.create_model("gf_unireplknet_a")
-        deploy = timm.create_model("gf_unireplknet_a", deploy=True)
+def test_fusing_the_training_structure_gives_the_deploy_structure(meta_model):
+    trained, deploy = meta_model("gf_unireplknet_a"), meta_model("gf_unireplknet_a", deploy=True)
     fused = reparameterize_model(trained, inplace=True)
     assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in deploy.state_dict().items()}
 
@@ -184,13 +168,7 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["missing", "extra"])
-def test_official_checkpoint_with_a_wrong_key_is_refused_naming_it(change):
-    state = _official_state()
-    if change == "missing":
-        del state["stages.2.3.se.up.weight"]
-        expected = "stages.2.blocks.3.se.fc2.weight"
-    else:
-        state["stages.2.3.extra_branch.weight"] = torch.zeros(1)
-        expected = "stages.2.blocks.3.extra_branch.weight"
-    with pytest.raises(StateDictError, match=expected.replace(".", r"\.")), torch.device("meta"):
-        load_official("gf_unireplknet_a", state)  # refused before any weight is copied
+def test_official_checkpoint_with_a_wrong_key_is_refused_naming_it(official_key_errors_named, change):
+    key, named = {"missing": ("stages.2.3.se.up.weight", "stages.2.blocks.3.se.fc2.weight"),
+                  "extra": ("stages.2.3.extra_branch.weight", "stages.2.blocks.3.extra_branch.weight")}[change]
+    official_key_errors_named("gf_unireplknet_a", _official_state(), **{change: key}, named=(named,))
