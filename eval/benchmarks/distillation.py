@@ -19,6 +19,13 @@ every accuracy) are written to ``--out`` as JSON; a finished (method, ipc, seed)
 reused when the script is run again.
 
     python eval/benchmarks/distillation.py --seeds 0 1 2 --num-eval 5
+
+On a 2-core machine, two single-threaded processes over disjoint IPCs halve the wall time;
+iteration-cost ratios are then still measured within one process per IPC:
+
+    OMP_NUM_THREADS=1 python eval/benchmarks/distillation.py --ipcs 10 --no-control --out b.json &
+    OMP_NUM_THREADS=1 python eval/benchmarks/distillation.py --ipcs 1 5 --out a.json
+    python eval/benchmarks/distillation.py --ipcs 1 5 10 --out a.json --merge b.json   # the table
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
     parser.add_argument("--full-evals", type=int, default=1, help="networks per seed trained on the full split")
     parser.add_argument("--out", default="runs/bench/distillation.json")
+    parser.add_argument("--no-control", action="store_true", help="skip the mirror-digits FYI control")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="result files of runs over other IPCs (same seeds) to report together")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +152,7 @@ def main() -> None:
                       + f" ({seconds:.1f} s)", flush=True)
 
     control = results.setdefault("mirror_control", {})
-    for seed in args.seeds:
+    for seed in [] if args.no_control else args.seeds:
         m_real, m_test = mirrored(real, seed), mirrored(test, seed + 1000)
         for label, flip in (("DM", False), ("DM+FYI", True)):
             key = f"{label}|1|{seed}"
@@ -151,7 +161,12 @@ def main() -> None:
                                        iterations=args.iterations, **MATCH)
                 control[key] = evaluate_synthetic(syn, None, m_test, hard, seed=seed, progress=False).accuracies
                 save()
-    report(results, args)
+    for other in args.merge:
+        extra = json.loads(Path(other).read_text())
+        results["runs"].update(extra.get("runs", {}))
+        results["mirror_control"].update(extra.get("mirror_control", {}))
+    if not args.no_control:
+        report(results, args)
 
 
 def report(results: dict, args) -> None:
