@@ -10,6 +10,7 @@ one-line message instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import yaml
@@ -20,11 +21,18 @@ from genforge.train.checkpoint import CheckpointError
 from genforge.train.loop import train
 
 
+_E_NOTATION = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _parse_set(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as YAML; a number YAML 1.1 leaves a string (``1e-2``) is a float."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    return key, yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
+        return key, float(parsed)
+    return key, parsed
 
 
 def main(argv: list[str] | None = None) -> int:
