@@ -118,7 +118,7 @@ def main() -> None:
         accs = []
         full = EvalOptions(num_eval=args.full_evals, epochs=args.epochs)
         for seed in args.seeds:
-            accs += evaluate_synthetic(real.images, real.labels, test, full, seed=seed, progress=False).accuracies
+            accs += evaluate_synthetic(real.images, test, full, labels=real.labels, seed=seed, progress=False).accuracies
         results["full"] = summary(accs)
         save()
     print(f"full train split: {100 * results['full']['mean']:.2f} ± {100 * results['full']['std']:.2f}", flush=True)
@@ -140,9 +140,9 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 row = {"distill_seconds": seconds,
                        "iterations": kwargs.get("iterations", 0),
-                       "hard": evaluate_synthetic(syn, None, test, hard, seed=seed, progress=False).accuracies}
+                       "hard": evaluate_synthetic(syn, test, hard, seed=seed, progress=False).accuracies}
                 if engine == "dwa":
-                    row["soft"] = evaluate_synthetic(syn, None, test, soft, seed=seed, teacher=teachers[seed],
+                    row["soft"] = evaluate_synthetic(syn, test, soft, seed=seed, teacher=teachers[seed],
                                                      progress=False).accuracies
                     row["diversity"] = within_class_diversity(syn.images, syn.labels, teachers[seed])
                 runs[key] = row
@@ -159,7 +159,7 @@ def main() -> None:
             if key not in control:
                 syn = genforge.distill("dm", m_real, 1, seed=seed, flip=flip, progress=False,
                                        iterations=args.iterations, **MATCH)
-                control[key] = evaluate_synthetic(syn, None, m_test, hard, seed=seed, progress=False).accuracies
+                control[key] = evaluate_synthetic(syn, m_test, hard, seed=seed, progress=False).accuracies
                 save()
     for other in args.merge:
         extra = json.loads(Path(other).read_text())

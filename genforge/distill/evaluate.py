@@ -143,10 +143,15 @@ def accuracy_on(net: nn.Module, test: RealData, batch_size: int = 1024) -> float
     return correct / len(test.labels)
 
 
-def evaluate_synthetic(images: Tensor | SyntheticSet, labels: Tensor | None, test: RealData, options: EvalOptions,
-                       *, seed: int = 0, teacher: nn.Module | None = None, progress: bool = True,
-                       desc: str = "evaluating") -> EvalResult:
-    """Accuracies of ``options.num_eval`` fresh networks trained on the set (images, labels)."""
+def evaluate_synthetic(images: Tensor | SyntheticSet, test: RealData, options: EvalOptions | None = None, *,
+                       labels: Tensor | None = None, seed: int = 0, teacher: nn.Module | None = None,
+                       progress: bool = True, desc: str = "evaluating") -> EvalResult:
+    """Accuracies of ``options.num_eval`` fresh networks trained on a synthetic set, tested on ``test``.
+
+    ``images`` is a :class:`SyntheticSet` or an image tensor with its ``labels``; ``options``
+    defaults to the spec's digits protocol (:class:`EvalOptions`).
+    """
+    options = options or EvalOptions()
     options.check()
     soft_targets = None
     if isinstance(images, SyntheticSet):
@@ -158,6 +163,8 @@ def evaluate_synthetic(images: Tensor | SyntheticSet, labels: Tensor | None, tes
             soft_targets = synthetic.soft_labels
     elif options.soft == "stored":
         raise ValueError("soft='stored' needs a SyntheticSet with soft labels")
+    elif labels is None:
+        raise ValueError("evaluate_synthetic needs labels= for an image tensor (a SyntheticSet carries its own)")
     if options.soft == "teacher" and teacher is None:
         raise ValueError("soft='teacher' needs the teacher network")
     if images.shape[1:] != test.images.shape[1:]:

@@ -128,7 +128,7 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress:
 
     start = time.perf_counter()
     eval_teacher = resolve_teacher(teacher, real, options, recipe.seed, out, False) if recipe.eval.soft == "teacher" else None
-    result = evaluate_synthetic(syn, None, test, recipe.eval, seed=recipe.seed, teacher=eval_teacher, progress=show)
+    result = evaluate_synthetic(syn, test, recipe.eval, seed=recipe.seed, teacher=eval_teacher, progress=show)
     metrics = {"method": recipe.method, "flip": recipe.distill.flip, "ipc": recipe.distill.ipc, "seed": recipe.seed,
                "accuracy_mean": result.mean, "accuracy_std": result.std, "accuracies": result.accuracies,
                "distill_seconds": distill_seconds, "eval_seconds": time.perf_counter() - start}

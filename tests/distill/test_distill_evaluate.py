@@ -12,7 +12,7 @@ from genforge.distill.networks import build_convnet
 def test_training_on_the_full_train_set_learns_the_digits(digits):
     real, test = digits
     options = EvalOptions(num_eval=1, epochs=40, net_width=16)
-    result = evaluate_synthetic(real.images, real.labels, test, options, progress=False)
+    result = evaluate_synthetic(real.images, test, options, labels=real.labels, progress=False)
     assert result.mean > 0.9
 
 
@@ -38,7 +38,7 @@ def test_teacher_relabelling_never_reads_the_hard_labels(digits):
     syn = genforge.distill("random", real, ipc=10, seed=0)
     wrong = (syn.labels + 1) % 10
     options = EvalOptions(soft="teacher", num_eval=1, epochs=30, batch_size=25, net_width=16)
-    result = evaluate_synthetic(syn.images, wrong, test, options, teacher=teacher, progress=False)
+    result = evaluate_synthetic(syn.images, test, options, labels=wrong, teacher=teacher, progress=False)
     assert result.mean > 0.5  # far above the ~0% that the shifted hard labels would give
 
 
@@ -46,10 +46,12 @@ def test_soft_label_modes_need_their_inputs_and_shapes_must_match(digits):
     real, test = digits
     syn = genforge.distill("random", real, ipc=1, seed=0)
     with pytest.raises(ValueError, match="carries no soft labels"):
-        evaluate_synthetic(syn, None, test, EvalOptions(soft="stored"), progress=False)
+        evaluate_synthetic(syn, test, EvalOptions(soft="stored"), progress=False)
     with pytest.raises(ValueError, match="needs the teacher"):
-        evaluate_synthetic(syn, None, test, EvalOptions(soft="teacher"), progress=False)
+        evaluate_synthetic(syn, test, EvalOptions(soft="teacher"), progress=False)
     with pytest.raises(ValueError, match="do not match the test images"):
-        evaluate_synthetic(torch.zeros(10, 1, 16, 16), syn.labels, test, EvalOptions(), progress=False)
+        evaluate_synthetic(torch.zeros(10, 1, 16, 16), test, labels=syn.labels, progress=False)
+    with pytest.raises(ValueError, match="needs labels="):
+        evaluate_synthetic(syn.images, test, progress=False)
     with pytest.raises(ValueError, match="unknown soft-label mode"):
         EvalOptions(soft="hard").check()
