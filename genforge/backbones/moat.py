@@ -177,6 +177,7 @@ class Moat(StagedBackbone):
             pos_embed_sizes: tuple[int | None, ...] = (None, None, 14, 7),
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            bn_momentum: float = 0.01,
     ):
         super().__init__()
         if not len(block_types) == len(depths) == len(dims) == len(pos_embed_sizes):
@@ -207,6 +208,11 @@ class Moat(StagedBackbone):
         self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                           norm_layer=partial(LayerNorm2d, eps=1e-5))
         self.apply(self._init_weights)
+        # TF's BN momentum 0.99 is torch's 0.01: right for the official 300k-step schedules, but
+        # over a few hundred steps the running statistics would not reach the batch statistics
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = bn_momentum
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -296,6 +302,9 @@ def gf_tiny_moat_2(pretrained: bool = False, **kwargs) -> Moat:
 
 @register_gf_model
 def gf_moat_nano(pretrained: bool = False, **kwargs) -> Moat:
-    """A test-sized MOAT (64x64 input, so the last MOAT stage still attends over a 2x2 map)."""
-    return _create('gf_moat_nano', pretrained, stem_size=(8, 8), depths=(1, 1, 2, 1), dims=(8, 16, 32, 64),
-                   head_size=8, pos_embed_sizes=(None, None, 4, 2), **kwargs)
+    """A test-sized MOAT (64x64 input, so the last MOAT stage still attends over a 2x2 map).
+
+    Its BatchNorm momentum is torch's 0.1, for runs of hundreds rather than 300k steps.
+    """
+    return _create('gf_moat_nano', pretrained, **{**dict(stem_size=(8, 8), depths=(1, 1, 2, 1), dims=(8, 16, 32, 64),
+                   head_size=8, pos_embed_sizes=(None, None, 4, 2), bn_momentum=0.1), **kwargs})

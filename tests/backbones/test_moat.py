@@ -115,3 +115,18 @@ PAPER_PARAMS_M = {"gf_moat_0": 27.8, "gf_moat_1": 41.6, "gf_moat_2": 73.4,
 def test_paper_parameter_counts(meta_param_count, name):
     count = meta_param_count(name) / 1e6
     assert abs(count - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, count
+
+
+def test_paper_configs_keep_tf_bn_momentum_and_the_nano_reaches_its_batch_statistics_in_a_short_run():
+    with torch.device("meta"):
+        paper = timm.create_model("gf_moat_0")
+    assert {m.momentum for m in paper.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    torch.manual_seed(0)
+    model = timm.create_model("gf_moat_nano", num_classes=3, in_chans=1).train()
+    x = torch.randn(16, 1, 32, 32)
+    with torch.no_grad():
+        for _ in range(200):  # training-mode passes: 0.9^200 of the initial statistics remain
+            train_out = model(x)
+        eval_out = model.eval()(x)
+    # what remains is BN's unbiased-vs-biased variance at 16 samples on the 1x1 last stage
+    assert (eval_out - train_out).abs().max() < 0.1 * train_out.abs().max()
