@@ -35,7 +35,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model, register_official_converter
-from genforge.backbones.staged import StagedBackbone
+from genforge.backbones.staged import StagedBackbone, convnext_layout_key
 
 __all__ = ["GlobalLocalFilter", "GnConv", "HorNet", "HorNetBlock", "gnconv_widths"]
 
@@ -219,25 +219,11 @@ class HorNet(StagedBackbone):
 
 @register_official_converter("gf_hornet")
 def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Official ``hornet.py`` keys -> ours, by renaming only (our own layout passes through).
-
-    ``downsample_layers.0`` -> ``stem``; ``downsample_layers.i`` -> ``stages.i.downsample``;
-    ``stages.i.j`` -> ``stages.i.blocks.j``; the final ``norm``/``head`` -> ``head.norm``/``head.fc``.
-    """
+    """Official ``hornet.py`` keys -> ours, by renaming only (our own layout passes through):
+    :func:`~genforge.backbones.staged.convnext_layout_key`."""
     if 'stem.0.weight' in state_dict:
         return dict(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split('.')
-        if parts[0] == 'downsample_layers':
-            rest = '.'.join(parts[2:])
-            key = f'stem.{rest}' if parts[1] == '0' else f'stages.{parts[1]}.downsample.{rest}'
-        elif parts[0] == 'stages':
-            key = f'stages.{parts[1]}.blocks.{parts[2]}.' + '.'.join(parts[3:])
-        elif parts[0] in ('norm', 'head'):
-            key = f"head.{'norm' if parts[0] == 'norm' else 'fc'}.{parts[1]}"
-        out[key] = value
-    return out
+    return {convnext_layout_key(key): value for key, value in state_dict.items()}
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HorNet:

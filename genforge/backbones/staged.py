@@ -16,7 +16,7 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ["StagedBackbone"]
+__all__ = ["StagedBackbone", "convnext_layout_key"]
 
 
 class StagedBackbone(nn.Module):
@@ -98,3 +98,20 @@ class StagedBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def convnext_layout_key(key: str) -> str:
+    """A key of the ConvNeXt-style official layout (HorNet, UniRepLKNet) renamed to ours.
+
+    ``downsample_layers.0`` -> ``stem``; ``downsample_layers.i`` -> ``stages.i.downsample``;
+    ``stages.i.j`` -> ``stages.i.blocks.j``; the final ``norm``/``head`` -> ``head.norm``/``head.fc``.
+    """
+    parts = key.split('.')
+    if parts[0] == 'downsample_layers':
+        rest = '.'.join(parts[2:])
+        return f'stem.{rest}' if parts[1] == '0' else f'stages.{parts[1]}.downsample.{rest}'
+    if parts[0] == 'stages':
+        return f'stages.{parts[1]}.blocks.{parts[2]}.' + '.'.join(parts[3:])
+    if parts[0] in ('norm', 'head'):
+        return f"head.{'norm' if parts[0] == 'norm' else 'fc'}.{parts[1]}"
+    return key

@@ -36,7 +36,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model, register_official_converter
-from genforge.backbones.staged import StagedBackbone
+from genforge.backbones.staged import StagedBackbone, convnext_layout_key
 
 __all__ = ["DilatedReparamBlock", "UniRepLKNet", "UniRepLKNetBlock", "dilated_to_dense_kernel"]
 
@@ -302,25 +302,18 @@ class UniRepLKNet(StagedBackbone):
 def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Official ``unireplknet.py`` keys (training or deploy structure) -> ours, by renaming only.
 
-    ``downsample_layers.0`` -> ``stem``; ``downsample_layers.i`` -> ``stages.i.downsample``;
-    ``stages.i.j`` -> ``stages.i.blocks.j``; inside a block ``se.down/up`` -> ``se.fc1/fc2``,
-    ``pwconv1.1`` -> ``pwconv1``, ``act.1`` -> ``grn``, ``pwconv2.0`` -> ``pwconv2``,
-    ``pwconv2.2`` -> ``norm2``; the final ``norm``/``head`` -> ``head.norm``/``head.fc``.
+    The stage layout maps by :func:`~genforge.backbones.staged.convnext_layout_key`; inside a
+    block ``se.down/up`` -> ``se.fc1/fc2``, ``pwconv1.1`` -> ``pwconv1``, ``act.1`` -> ``grn``,
+    ``pwconv2.0`` -> ``pwconv2``, ``pwconv2.2`` -> ``norm2``.
     """
     block_renames = (('.se.down.', '.se.fc1.'), ('.se.up.', '.se.fc2.'), ('.pwconv1.1.', '.pwconv1.'),
                      ('.act.1.', '.grn.'), ('.pwconv2.0.', '.pwconv2.'), ('.pwconv2.2.', '.norm2.'))
     out = {}
     for key, value in state_dict.items():
-        parts = key.split('.')
-        if parts[0] == 'downsample_layers':
-            rest = '.'.join(parts[2:])
-            key = f'stem.{rest}' if parts[1] == '0' else f'stages.{parts[1]}.downsample.{rest}'
-        elif parts[0] == 'stages':
-            key = f'stages.{parts[1]}.blocks.{parts[2]}.' + '.'.join(parts[3:])
+        key = convnext_layout_key(key)
+        if key.startswith('stages.') and '.blocks.' in key:
             for old, new in block_renames:
                 key = key.replace(old, new)
-        elif parts[0] in ('norm', 'head'):
-            key = f"head.{'norm' if parts[0] == 'norm' else 'fc'}.{parts[1]}"
         out[key] = value
     return out
 
