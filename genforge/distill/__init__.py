@@ -5,7 +5,8 @@ is callable: calling it calls :func:`genforge.distill.api.distill`);
 ``evaluate_synthetic`` applies the field's train-on-synthetic protocol; ``genforge distill
 RECIPE`` does both from a YAML recipe. Module map: ``data`` (real pool), ``synthetic`` (the
 set), ``networks`` (ConvNet-D1..4), ``dsa``, ``zca``, ``fyi``, ``matching`` (the loop of DM
-and DataDAM), ``dm``, ``datadam``, ``dwa``, ``evaluate``, ``recipe`` (recipes and the run).
+and DataDAM), ``dm``, ``datadam``, ``dwa``, ``evaluate``, ``seeding`` (per-class, per-iteration
+random streams), ``api`` (``distill``), ``recipe`` (recipes and the run).
 """
 
 import sys
