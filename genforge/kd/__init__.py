@@ -4,6 +4,7 @@ Modules: ``ensemble`` (frozen teachers, mean of softmaxes), ``losses`` (soft cro
 Hinton KD), ``meal_v2`` (the logit discriminator, its loss and parameter groups),
 ``concentration`` (verticals, structurally connected layers, self-paced scales, targets),
 ``m2mkd`` (splitting a ViT into modules, the meta model, stitches, the module loss, a
-modular MoE student). Training methods, recipes and dataset reinforcement come next
+modular MoE student), ``reinforce`` (replayable augmentations, sharded top-k teacher
+probabilities with resume, the replaying dataset). Training methods and recipes come next
 (issue 4 is still open).
 """

@@ -1,0 +1,728 @@
+"""Dataset reinforcement: store augmentations and teacher top-k probabilities once, replay them.
+
+Faghri et al., "Reinforce Data, Multiply Impact", ICCV 2023, arXiv 2303.08983 (official code
+``apple/ml-dr``). For every training image x_i the generation pass draws NS augmentations
+a_ij = A(x_i; θ_ij) with recorded parameters θ_ij, runs the frozen teacher ensemble once,
+
+    p_ij = (1/K) * sum_k softmax(z_k(a_ij))                      (mean of softmaxes)
+
+and keeps only its top-k entries (v_ij, c_ij) = topk(p_ij, k). Training then replays: with
+probability p it picks a random j, rebuilds a_ij = A(x_i; θ_ij) exactly from the stored θ_ij
+(no teacher call) and uses the densified target
+
+    smooth:  t[c] = v_c for c in c_ij,   t[c] = (1 - sum v_ij) / (C - k) elsewhere
+    zeros:   t[c_ij] = softmax(v_ij),    0 elsewhere  (the official quirk; also the
+             fallback of ``smooth`` when the leftover mass 1 - sum v_ij is negative)
+
+otherwise the original image with a one-hot target. The training loss is
+KL(t || softmax(student)) with batch-mean reduction, i.e. plain ERM cost.
+
+The augmentation order is fixed by a registry, whatever order they are given in:
+RandomResizedCrop -> HorizontalFlip -> RandomErasing -> MixUp -> CutMix. Mixing partners are
+a random dataset index ``id2``; the partner image goes through the same pre-mixing transforms
+with its own parameters, stored as a pair (θ_img, θ_img2).
+
+Storage: instead of the official one ``{idx}.pth.tar`` pickle per index, indices are grouped
+in shards of ``shard_size`` (safetensors, no pickled objects), written atomically (tmp file +
+rename) and listed in ``index.json`` after each shard, so an interrupted run resumes by
+skipping finished shards. ``manifest.json`` records the dataset name, size and class count,
+NS, k, the seed and the augmentation config; shards of another dataset are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+FORMAT_VERSION = 1
+
+Params = Any
+
+
+def _randint(low: int, high: int, generator: torch.Generator) -> int:
+    """Uniform integer in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=generator).item())
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator).item())
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """λ ~ Beta(α, α), drawn from a numpy generator seeded from ``generator``."""
+    seed = _randint(0, 2**62, generator)
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _check_image(x: torch.Tensor) -> None:
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(
+            f"expected a float image tensor of shape (C, H, W), got dtype {x.dtype} "
+            f"and shape {tuple(x.shape)}"
+        )
+
+
+class RandomResizedCrop:
+    """Crop a random box of relative area in ``scale`` and aspect in ``ratio``, resize to size.
+
+    Params: (top, left, h, w) of the crop in the input image.
+    """
+
+    name = "random_resized_crop"
+    mixing = False
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+    ) -> None:
+        self.size = (
+            (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        )
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"size must be a positive int or (h, w), got {size}")
+        self.scale = tuple(float(s) for s in scale)
+        self.ratio = tuple(float(r) for r in ratio)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+        }
+
+    def _params(self, height: int, width: int, generator: torch.Generator) -> tuple:
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * _uniform(*self.scale, generator)
+            aspect = math.exp(_uniform(*log_ratio, generator))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return (
+                    _randint(0, height - h + 1, generator),
+                    _randint(0, width - w + 1, generator),
+                    h,
+                    w,
+                )
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            h, w = height, width
+        return ((height - h) // 2, (width - w) // 2, h, w)
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, tuple]:
+        _check_image(x)
+        params = self._params(x.shape[-2], x.shape[-1], generator)
+        return self.apply(x, params), params
+
+    def apply(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
+        top, left, h, w = (int(v) for v in params)
+        crop = x[:, top : top + h, left : left + w]
+        return F.interpolate(
+            crop[None], size=self.size, mode="bilinear", align_corners=False
+        )[0]
+
+    def encode(self, params: tuple) -> list[float]:
+        return [float(v) for v in params]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[tuple, int]:
+        return tuple(int(v) for v in flat[pos : pos + 4]), pos + 4
+
+
+class HorizontalFlip:
+    """Flip the width axis with probability p. Params: bool."""
+
+    name = "horizontal_flip"
+    mixing = False
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = float(p)
+
+    def config(self) -> dict[str, Any]:
+        return {"p": self.p}
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, bool]:
+        _check_image(x)
+        params = _uniform(0.0, 1.0, generator) < self.p
+        return self.apply(x, params), params
+
+    def apply(self, x: torch.Tensor, params: bool) -> torch.Tensor:
+        return x.flip(-1) if params else x
+
+    def encode(self, params: bool) -> list[float]:
+        return [1.0 if params else 0.0]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[bool, int]:
+        return bool(flat[pos]), pos + 1
+
+
+class RandomErasing:
+    """With probability p, set a random box to ``value``. Params: (x, y, h, w) or None.
+
+    x is the top row and y the left column of the box (the torchvision convention).
+    """
+
+    name = "random_erasing"
+    mixing = False
+
+    def __init__(
+        self,
+        p: float = 0.25,
+        scale: Sequence[float] = (0.02, 0.33),
+        ratio: Sequence[float] = (0.3, 3.3),
+        value: float = 0.0,
+    ) -> None:
+        self.p = float(p)
+        self.scale = tuple(float(s) for s in scale)
+        self.ratio = tuple(float(r) for r in ratio)
+        self.value = float(value)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "p": self.p,
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+            "value": self.value,
+        }
+
+    def _params(
+        self, height: int, width: int, generator: torch.Generator
+    ) -> tuple | None:
+        if not _uniform(0.0, 1.0, generator) < self.p:
+            return None
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = height * width * _uniform(*self.scale, generator)
+            aspect = math.exp(_uniform(*log_ratio, generator))
+            h = round(math.sqrt(target * aspect))
+            w = round(math.sqrt(target / aspect))
+            if 0 < h < height and 0 < w < width:
+                return (
+                    _randint(0, height - h + 1, generator),
+                    _randint(0, width - w + 1, generator),
+                    h,
+                    w,
+                )
+        return None
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, tuple | None]:
+        _check_image(x)
+        params = self._params(x.shape[-2], x.shape[-1], generator)
+        return self.apply(x, params), params
+
+    def apply(self, x: torch.Tensor, params: tuple | None) -> torch.Tensor:
+        if params is None:
+            return x
+        top, left, h, w = (int(v) for v in params)
+        out = x.clone()
+        out[:, top : top + h, left : left + w] = self.value
+        return out
+
+    def encode(self, params: tuple | None) -> list[float]:
+        return [0.0] if params is None else [1.0, *(float(v) for v in params)]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[tuple | None, int]:
+        if flat[pos] == 0:
+            return None, pos + 1
+        return tuple(int(v) for v in flat[pos + 1 : pos + 5]), pos + 5
+
+
+class _Mixing:
+    """Shared by MixUp and CutMix: the Beta(α, α) parameter, the probability p, the partner check."""
+
+    mixing = True
+
+    def __init__(self, alpha: float = 1.0, p: float = 0.5) -> None:
+        self.alpha = float(alpha)
+        self.p = float(p)
+
+    def config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "p": self.p}
+
+    def _check_partner(self, x: torch.Tensor, partner: torch.Tensor | None) -> None:
+        if partner is None or partner.shape != x.shape:
+            raise ValueError(
+                f"{type(self).__name__} needs a partner image of shape {tuple(x.shape)}, got "
+                f"{None if partner is None else tuple(partner.shape)}"
+            )
+
+
+class MixUp(_Mixing):
+    """With probability p: out = λ x + (1 - λ) x2, λ ~ Beta(α, α). Params: λ or None."""
+
+    name = "mixup"
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator, partner: torch.Tensor
+    ) -> tuple[torch.Tensor, float | None]:
+        _check_image(x)
+        params = (
+            _beta(self.alpha, generator)
+            if _uniform(0.0, 1.0, generator) < self.p
+            else None
+        )
+        return self.apply(x, params, partner), params
+
+    def apply(
+        self, x: torch.Tensor, params: float | None, partner: torch.Tensor | None
+    ) -> torch.Tensor:
+        if params is None:
+            return x
+        self._check_partner(x, partner)
+        return params * x + (1.0 - params) * partner
+
+    def encode(self, params: float | None) -> list[float]:
+        return [0.0] if params is None else [1.0, float(params)]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[float | None, int]:
+        if flat[pos] == 0:
+            return None, pos + 1
+        return float(flat[pos + 1]), pos + 2
+
+
+class CutMix(_Mixing):
+    """With probability p, paste a box of x2 into x. Params: (λ, (top, left, bottom, right)) or None.
+
+    The box has sides sqrt(1 - λ0) times the image's, λ0 ~ Beta(α, α), centred uniformly and
+    clipped; λ = 1 - box area / image area is the fraction of x that is kept.
+    """
+
+    name = "cutmix"
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator, partner: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple | None]:
+        _check_image(x)
+        if not _uniform(0.0, 1.0, generator) < self.p:
+            return x, None
+        height, width = x.shape[-2:]
+        cut = math.sqrt(1.0 - _beta(self.alpha, generator))
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = _randint(0, height, generator), _randint(0, width, generator)
+        box = (
+            max(cy - ch // 2, 0),
+            max(cx - cw // 2, 0),
+            min(cy + ch // 2, height),
+            min(cx + cw // 2, width),
+        )
+        lam = 1.0 - (box[2] - box[0]) * (box[3] - box[1]) / (height * width)
+        params = (lam, box)
+        return self.apply(x, params, partner), params
+
+    def apply(
+        self, x: torch.Tensor, params: tuple | None, partner: torch.Tensor | None
+    ) -> torch.Tensor:
+        if params is None:
+            return x
+        self._check_partner(x, partner)
+        top, left, bottom, right = (int(v) for v in params[1])
+        out = x.clone()
+        out[:, top:bottom, left:right] = partner[:, top:bottom, left:right]
+        return out
+
+    def encode(self, params: tuple | None) -> list[float]:
+        if params is None:
+            return [0.0]
+        return [1.0, float(params[0]), *(float(v) for v in params[1])]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[tuple | None, int]:
+        if flat[pos] == 0:
+            return None, pos + 1
+        box = tuple(int(v) for v in flat[pos + 2 : pos + 6])
+        return (float(flat[pos + 1]), box), pos + 6
+
+
+REGISTRY: dict[str, type] = {
+    cls.name: cls
+    for cls in (RandomResizedCrop, HorizontalFlip, RandomErasing, MixUp, CutMix)
+}
+ORDER = tuple(REGISTRY)
+
+
+class ReinforcePipeline:
+    """Augmentations in the registry's fixed order, recording replayable params.
+
+    ``sample`` returns (image, params) with params = [id2, θ_1, ..., θ_n]: id2 is the
+    partner's dataset index (None when no mixing transform fired); while mixing, every
+    pre-mixing θ_t is the pair (θ_img, θ_img2), the partner's own draw.
+    """
+
+    def __init__(self, transforms: Sequence[Any]) -> None:
+        names = [t.name for t in transforms]
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown transforms {unknown}; known: {list(ORDER)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each transform may appear once, got {names}")
+        self.transforms = sorted(transforms, key=lambda t: ORDER.index(t.name))
+        self.pre = [t for t in self.transforms if not t.mixing]
+        self.mix = [t for t in self.transforms if t.mixing]
+
+    def config(self) -> list[list[Any]]:
+        return [[t.name, t.config()] for t in self.transforms]
+
+    @classmethod
+    def from_config(cls, config: Sequence[Sequence[Any]]) -> ReinforcePipeline:
+        return cls([REGISTRY[name](**kwargs) for name, kwargs in config])
+
+    def sample(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        partner: tuple[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[Params]]:
+        """Draw one augmentation of x; ``partner`` = (id2, raw image) enables mixing."""
+        pre_img, pre_img2 = [], []
+        x2 = None
+        for t in self.pre:
+            x, p = t.sample(x, generator)
+            pre_img.append(p)
+        if self.mix and partner is not None:
+            x2 = partner[1]
+            for t in self.pre:
+                x2, p = t.sample(x2, generator)
+                pre_img2.append(p)
+        mix_params = []
+        for t in self.mix:
+            if x2 is None:
+                mix_params.append(None)
+                continue
+            x, p = t.sample(x, generator, x2)
+            mix_params.append(p)
+        if any(p is not None for p in mix_params):
+            return x, [int(partner[0]), *zip(pre_img, pre_img2), *mix_params]
+        return x, [None, *pre_img, *mix_params]
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        params: Sequence[Params],
+        partner_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Replay ``params`` on x; the raw image of dataset index id2 is needed when id2 is set."""
+        if len(params) != len(self.transforms) + 1:
+            raise ValueError(
+                f"expected {len(self.transforms) + 1} params ([id2] + one per transform), "
+                f"got {len(params)}"
+            )
+        id2, pre, mix = (
+            params[0],
+            params[1 : 1 + len(self.pre)],
+            params[1 + len(self.pre) :],
+        )
+        if id2 is not None and partner_image is None:
+            raise ValueError(
+                f"these params mix with dataset index {id2}; pass its image"
+            )
+        x2 = partner_image if id2 is not None else None
+        for t, p in zip(self.pre, pre):
+            if id2 is None:
+                x = t.apply(x, p)
+            else:
+                x, x2 = t.apply(x, p[0]), t.apply(x2, p[1])
+        for t, p in zip(self.mix, mix):
+            x = t.apply(x, p, x2)
+        return x
+
+    def compress(self, params: Sequence[Params]) -> list[float]:
+        """Flat numbers: [id2 or -1], then each θ (pre-mixing ones twice while mixing)."""
+        id2 = params[0]
+        flat = [-1.0 if id2 is None else float(id2)]
+        for i, t in enumerate(self.transforms):
+            p = params[1 + i]
+            if id2 is not None and not t.mixing:
+                flat += t.encode(p[0]) + t.encode(p[1])
+            else:
+                flat += t.encode(p)
+        return flat
+
+    def decompress(self, flat: Sequence[float]) -> list[Params]:
+        id2 = None if flat[0] < 0 else int(flat[0])
+        params: list[Params] = [id2]
+        pos = 1
+        for t in self.transforms:
+            if id2 is not None and not t.mixing:
+                p_img, pos = t.decode(flat, pos)
+                p_img2, pos = t.decode(flat, pos)
+                params.append((p_img, p_img2))
+            else:
+                p, pos = t.decode(flat, pos)
+                params.append(p)
+        if pos != len(flat):
+            raise ValueError(
+                f"compressed params have {len(flat)} numbers, decoded {pos}"
+            )
+        return params
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard_{shard:05d}.safetensors"
+
+
+def _check_manifest(
+    out_dir: Path, expected: dict[str, Any], keys: Sequence[str]
+) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {out_dir} is not a reinforced dataset"
+        )
+    manifest = json.loads(path.read_text())
+    for key in keys:
+        if manifest.get(key) != expected[key]:
+            raise ValueError(
+                f"{out_dir} was reinforced with {key}={manifest.get(key)!r}, "
+                f"but this run has {key}={expected[key]!r}; refusing to mix shards of "
+                "different datasets or settings"
+            )
+    return manifest
+
+
+def reinforce(
+    dataset: Sequence[tuple[torch.Tensor, int]],
+    teacher: Callable[[torch.Tensor], torch.Tensor],
+    out_dir: str | os.PathLike,
+    pipeline: ReinforcePipeline,
+    num_samples: int = 4,
+    top_k: int = 3,
+    seed: int = 0,
+    shard_size: int = 256,
+    dataset_name: str | None = None,
+    device: str | torch.device = "cpu",
+    max_shards: int | None = None,
+) -> Path:
+    """Write NS augmentations and the teacher's top-k probabilities for every dataset index.
+
+    ``dataset[i]`` returns (float image (C, H, W), label); ``teacher`` maps a batch to
+    probabilities (B, C), e.g. a ``TeacherEnsemble`` (mean of softmaxes). Each index draws
+    from its own generator seeded by (seed, index), so the output does not depend on shard
+    boundaries or on resuming. Finished shards listed in ``index.json`` whose files exist are
+    skipped; ``max_shards`` stops after writing that many new shards.
+    """
+    if num_samples < 1 or top_k < 1 or shard_size < 1:
+        raise ValueError(
+            f"num_samples, top_k and shard_size must be positive, got {num_samples}, "
+            f"{top_k}, {shard_size}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = len(dataset)
+    if (out / MANIFEST).exists():
+        num_classes = int(json.loads((out / MANIFEST).read_text())["num_classes"])
+    else:
+        probe = pipeline.sample(dataset[0][0], torch.Generator().manual_seed(seed))[0]
+        with torch.no_grad():
+            num_classes = int(teacher(probe[None].to(device)).shape[-1])
+    if top_k > num_classes:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset_name": dataset_name or type(dataset).__name__,
+        "dataset_size": size,
+        "num_classes": num_classes,
+        "num_samples": num_samples,
+        "top_k": top_k,
+        "seed": seed,
+        "shard_size": shard_size,
+        "pipeline": pipeline.config(),
+    }
+    if (out / MANIFEST).exists():
+        _check_manifest(out, manifest, list(manifest))
+    else:
+        _write_json(out / MANIFEST, manifest)
+    index_path = out / INDEX
+    done = json.loads(index_path.read_text())["shards"] if index_path.exists() else []
+    done = sorted(s for s in set(done) if (out / _shard_name(s)).exists())
+    written = 0
+    for shard in range(math.ceil(size / shard_size)):
+        if shard in done:
+            continue
+        if max_shards is not None and written >= max_shards:
+            break
+        indices = range(shard * shard_size, min((shard + 1) * shard_size, size))
+        images, flats = [], []
+        for idx in indices:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + idx)
+            x = dataset[idx][0]
+            for _ in range(num_samples):
+                id2 = _randint(0, size, generator)
+                img, params = pipeline.sample(
+                    x, generator, partner=(id2, dataset[id2][0])
+                )
+                images.append(img)
+                flats.append(pipeline.compress(params))
+        with torch.no_grad():
+            probs = teacher(torch.stack(images).to(device)).float().cpu()
+        if probs.shape != (len(images), num_classes):
+            raise ValueError(
+                f"the teacher returned shape {tuple(probs.shape)}, expected "
+                f"({len(images)}, {num_classes}) as recorded in {out / MANIFEST}"
+            )
+        values, ids = probs.topk(top_k, dim=-1)
+        width = max(len(f) for f in flats)
+        params = torch.full((len(flats), width), float("nan"), dtype=torch.float64)
+        for row, flat in enumerate(flats):
+            params[row, : len(flat)] = torch.tensor(flat, dtype=torch.float64)
+        n = len(indices)
+        tensors = {
+            "indices": torch.tensor(list(indices), dtype=torch.int64),
+            "values": values.reshape(n, num_samples, top_k).contiguous(),
+            "ids": ids.reshape(n, num_samples, top_k).contiguous(),
+            "params": params.reshape(n, num_samples, width).contiguous(),
+            "params_len": torch.tensor([len(f) for f in flats]).reshape(n, num_samples),
+        }
+        tmp = out / (_shard_name(shard) + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / _shard_name(shard))
+        done.append(shard)
+        _write_json(index_path, {"shards": sorted(done)})
+        written += 1
+    return out
+
+
+def densify(
+    values: torch.Tensor, ids: torch.Tensor, num_classes: int, mode: str = "smooth"
+) -> torch.Tensor:
+    """Dense (C,) target from stored top-k (values, ids); see the module docstring."""
+    if mode not in ("smooth", "zeros"):
+        raise ValueError(f"densify must be 'smooth' or 'zeros', got {mode!r}")
+    leftover = 1.0 - float(values.sum())
+    k = values.numel()
+    if mode == "smooth" and leftover >= 0 and num_classes > k:
+        target = torch.full((num_classes,), leftover / (num_classes - k))
+        target[ids] = values.float()
+        return target
+    target = torch.zeros(num_classes)
+    target[ids] = torch.softmax(values.float(), dim=0)
+    return target
+
+
+class ReinforcedDataset(torch.utils.data.Dataset):
+    """Replays a reinforced dataset: no teacher is ever called.
+
+    With probability ``p_replay``, item i is a random stored augmentation of image i rebuilt
+    from its params, with the densified teacher target; otherwise the original image (through
+    ``transform`` if given) and a one-hot target.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[tuple[torch.Tensor, int]],
+        out_dir: str | os.PathLike,
+        p_replay: float = 0.99,
+        densify: str = "smooth",
+        dataset_name: str | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if densify not in ("smooth", "zeros"):
+            raise ValueError(f"densify must be 'smooth' or 'zeros', got {densify!r}")
+        if not 0.0 <= p_replay <= 1.0:
+            raise ValueError(f"p_replay must be in [0, 1], got {p_replay}")
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        expected = {
+            "dataset_name": dataset_name or type(dataset).__name__,
+            "dataset_size": len(dataset),
+        }
+        self.manifest = _check_manifest(self.out_dir, expected, list(expected))
+        self.pipeline = ReinforcePipeline.from_config(self.manifest["pipeline"])
+        self.num_classes = int(self.manifest["num_classes"])
+        self.p_replay = float(p_replay)
+        self.densify = densify
+        self.transform = transform
+        self.generator = generator
+        index_path = self.out_dir / INDEX
+        self.finished = (
+            set(json.loads(index_path.read_text())["shards"])
+            if index_path.exists()
+            else set()
+        )
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _shard(self, shard: int) -> dict[str, torch.Tensor]:
+        if shard not in self._cache:
+            path = self.out_dir / _shard_name(shard)
+            if shard not in self.finished or not path.exists():
+                raise FileNotFoundError(
+                    f"shard {shard} ({path}) is missing or unfinished; rerun reinforce() "
+                    "on this directory to complete it"
+                )
+            self._cache[shard] = load_file(str(path))
+        return self._cache[shard]
+
+    def entries(self, idx: int) -> list[dict[str, Any]]:
+        """The NS stored entries of index idx: params (decompressed), values and ids."""
+        shard_size = int(self.manifest["shard_size"])
+        data = self._shard(idx // shard_size)
+        row = idx % shard_size
+        stored = int(data["indices"][row])
+        if stored != idx:
+            raise ValueError(f"shard row holds dataset index {stored}, expected {idx}")
+        out = []
+        for j in range(int(self.manifest["num_samples"])):
+            n = int(data["params_len"][row, j])
+            flat = data["params"][row, j, :n].tolist()
+            out.append(
+                {
+                    "params": self.pipeline.decompress(flat),
+                    "values": data["values"][row, j],
+                    "ids": data["ids"][row, j],
+                }
+            )
+        return out
+
+    def replay(self, idx: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The j-th stored augmentation of image idx and its densified target."""
+        entry = self.entries(idx)[j]
+        params = entry["params"]
+        partner = self.dataset[params[0]][0] if params[0] is not None else None
+        image = self.pipeline.apply(self.dataset[idx][0], params, partner)
+        return image, densify(
+            entry["values"], entry["ids"], self.num_classes, self.densify
+        )
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(torch.rand(1, generator=self.generator)) < self.p_replay:
+            j = int(
+                torch.randint(
+                    int(self.manifest["num_samples"]), (1,), generator=self.generator
+                )
+            )
+            return self.replay(idx, j)
+        image, label = self.dataset[idx]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, F.one_hot(torch.tensor(int(label)), self.num_classes).float()
