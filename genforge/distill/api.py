@@ -107,10 +107,7 @@ def distill(method: str = "datadam", dataset="digits", ipc: int = 10, *, seed: i
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} is not in [0, {count})")
     real = _as_real(dataset, dataset_kwargs or {})
-    short = [c for c in range(real.num_classes) if real.class_count(c) < ipc]
-    if short:
-        raise ValueError(f"ipc={ipc} is larger than the number of real images of class(es) {short} "
-                         f"(smallest count {min(real.class_count(c) for c in short)})")
+    real.check_ipc(ipc)
     output_dir = Path(output_dir) if output_dir is not None else None
     classes = list(range(real.num_classes))[index::count]
     soft = None

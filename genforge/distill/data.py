@@ -96,6 +96,14 @@ class RealData:
     def class_count(self, c: int) -> int:
         return len(self.indices_by_class[c])
 
+    def check_ipc(self, ipc: int, classes: list[int] | None = None) -> None:
+        """Refuse an ``ipc`` larger than the real image count of any of ``classes`` (default: all)."""
+        classes = range(self.num_classes) if classes is None else classes
+        short = [c for c in classes if self.class_count(c) < ipc]
+        if short:
+            raise ValueError(f"ipc={ipc} is larger than the number of real images of class(es) {short} "
+                             f"(smallest count {min(self.class_count(c) for c in short)})")
+
     def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``min(n, count)`` distinct random images of class ``c`` (VICO's ``get_images``)."""
         idx = self.indices_by_class[c]

@@ -197,10 +197,7 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
     options.check()
     if real.zca is not None:
         raise ValueError("DWA clips pixels to the [0, 1] box in normalised space; it cannot run on ZCA-whitened data")
-    short = [c for c in range(real.num_classes) if real.class_count(c) < ipc]
-    if short:
-        raise ValueError(f"ipc={ipc} is larger than the number of real images of class(es) {short}: "
-                         "each DWA batch starts from a distinct real image per class")
+    real.check_ipc(ipc)  # each batch starts from a distinct real image per class
     ipc_ids = list(range(ipc)) if ipc_ids is None else list(ipc_ids)
     teacher = teacher.eval()
     box = _pixel_box(real)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from genforge.core.rng import symmetric_beta
 from genforge.distill.data import RealData
 from genforge.distill.dsa import DSA, check_strategy
 from genforge.distill.networks import ConvNetConfig, build_convnet
@@ -112,8 +113,7 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, options: EvalO
             idx = order[start:start + options.batch_size]
             x = dsa(images[idx], generator=generator)
             if teacher is not None:
-                lam = float(np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=generator))).beta(
-                    options.mixup_alpha, options.mixup_alpha))
+                lam = symmetric_beta(options.mixup_alpha, generator)
                 partner = torch.randperm(len(idx), generator=generator)
                 x = lam * x + (1 - lam) * x[partner]
                 with torch.no_grad():

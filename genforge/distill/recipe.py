@@ -24,7 +24,7 @@ import yaml
 
 from genforge.config import ConfigError, dataclass_from_mapping, read_yaml
 from genforge.data import dataset_names
-from genforge.distill.api import ENGINE_OPTIONS, TEACHER_FILE, distill, resolve_teacher
+from genforge.distill.api import ENGINE_OPTIONS, distill, resolve_teacher
 from genforge.distill.data import load_real
 from genforge.distill.evaluate import EvalOptions, evaluate_synthetic
 from genforge.distill.synthetic import SyntheticSet
@@ -102,12 +102,14 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress:
     real, test = load_real(name, test_root=test_root, zca=zca, **data)
     options = recipe.engine_options()
     show = progress and state.is_main_process
-    teacher = recipe.distill.teacher
-    if recipe.method == "dwa" and teacher is None:
+    teacher = None
+    if recipe.method == "dwa":
+        # the main process trains (and caches) or loads the teacher first; the others then load it
         if state.is_main_process:
-            resolve_teacher(None, real, options, recipe.seed, out, show)
+            teacher = resolve_teacher(recipe.distill.teacher, real, options, recipe.seed, out, show)
         state.wait_for_everyone()
-        teacher = out / TEACHER_FILE
+        if not state.is_main_process:
+            teacher = resolve_teacher(recipe.distill.teacher, real, options, recipe.seed, out, False)
 
     start = time.perf_counter()
     shard_dir = out if state.num_processes == 1 else out / f"shard_{state.process_index}"
@@ -127,7 +129,7 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress:
     (out / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
 
     start = time.perf_counter()
-    eval_teacher = resolve_teacher(teacher, real, options, recipe.seed, out, False) if recipe.eval.soft == "teacher" else None
+    eval_teacher = teacher if recipe.eval.soft == "teacher" else None
     result = evaluate_synthetic(syn, test, recipe.eval, seed=recipe.seed, teacher=eval_teacher, progress=show)
     metrics = {"method": recipe.method, "flip": recipe.distill.flip, "ipc": recipe.distill.ipc, "seed": recipe.seed,
                "accuracy_mean": result.mean, "accuracy_std": result.std, "accuracies": result.accuracies,

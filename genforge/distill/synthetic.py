@@ -122,10 +122,7 @@ def initial_images(real: RealData, classes: list[int], ipc: int, init: str, seed
     """
     if init not in INITS:
         raise ValueError(f"unknown initialisation {init!r}; expected one of {INITS}")
-    short = [c for c in classes if real.class_count(c) < ipc]
-    if short:
-        raise ValueError(f"ipc={ipc} is larger than the number of real images of class(es) "
-                         f"{short} (smallest has {min(real.class_count(c) for c in short)})")
+    real.check_ipc(ipc, classes)
     labels = torch.tensor(classes).repeat_interleave(ipc)
     if init == "noise":
         images = [torch.randn((ipc, *real.image_shape), generator=stream(seed, c, INIT_STREAM)) for c in classes]

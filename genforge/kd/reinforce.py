@@ -38,10 +38,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from genforge.core.rng import symmetric_beta
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -57,12 +58,6 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * float(torch.rand(1, generator=generator).item())
-
-
-def _beta(alpha: float, generator: torch.Generator) -> float:
-    """λ ~ Beta(α, α), drawn from a numpy generator seeded from ``generator``."""
-    seed = _randint(0, 2**62, generator)
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def _check_image(x: torch.Tensor) -> None:
@@ -280,7 +275,7 @@ class MixUp(_Mixing):
     ) -> tuple[torch.Tensor, float | None]:
         _check_image(x)
         params = (
-            _beta(self.alpha, generator)
+            symmetric_beta(self.alpha, generator)
             if _uniform(0.0, 1.0, generator) < self.p
             else None
         )
@@ -319,7 +314,7 @@ class CutMix(_Mixing):
         if not _uniform(0.0, 1.0, generator) < self.p:
             return x, None
         height, width = x.shape[-2:]
-        cut = math.sqrt(1.0 - _beta(self.alpha, generator))
+        cut = math.sqrt(1.0 - symmetric_beta(self.alpha, generator))
         ch, cw = int(height * cut), int(width * cut)
         cy, cx = _randint(0, height, generator), _randint(0, width, generator)
         box = (
