@@ -1,9 +1,12 @@
-"""The ``genforge`` command: ``train``, ``distill``, ``sample`` and ``eval``.
+"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``sample`` and ``eval``.
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
 - ``genforge distill RECIPE [--resume]`` distils a dataset into a synthetic set, draws it and
   evaluates it with the field's protocol (the same as ``python -m genforge.distill``);
+- ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
+  augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
+  ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline (a training run writes one to
   ``<output_dir>/pipeline``) and writes a per-class PNG grid and, optionally, an .npz;
 - ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity)
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("train", help="train a recipe (see python -m genforge.train --help)", add_help=False)
     commands.add_parser("distill", help="distil a dataset from a recipe (see python -m genforge.distill --help)",
                         add_help=False)
+    commands.add_parser("reinforce", help="build a reinforced dataset from a recipe (see genforge reinforce --help)",
+                        add_help=False)
 
     sample = commands.add_parser("sample", help="sample a saved class-conditional pipeline into a grid")
     sample.add_argument("pipeline", help="directory written by save_pretrained (e.g. runs/dimr_digits/pipeline)")
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from genforge.distill.__main__ import main as distill_main
 
         return distill_main(argv[1:])
+    if argv and argv[0] == "reinforce":
+        from genforge.kd.reinforce_recipe import main as reinforce_main
+
+        return reinforce_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _sample(args) if args.command == "sample" else _eval(args)

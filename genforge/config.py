@@ -50,11 +50,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation schedule; a step is one optimizer update (`grad_accum` micro-batches)."""
+    """Optimisation schedule; a step is one optimizer update (`grad_accum` micro-batches).
+
+    `optimizer`: AdamW (with `betas`) or SGD with (heavy-ball) `momentum`. The LR warms up
+    linearly over `warmup_steps`, then is multiplied by `lr_gamma` at each step in
+    `lr_milestones` (MEAL V2's regime: 0.01, then x0.1).
+    """
 
     max_steps: int = field(default=1000, metadata={"min": 0})
     max_minutes: Optional[float] = field(default=None, metadata={"min": 0})
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = field(default=2.0e-4, metadata={"min": 0})
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = field(default=0.1, metadata={"min": 0})
+    momentum: float = field(default=0.9, metadata={"min": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = field(default=0, metadata={"min": 0})

@@ -1,10 +1,21 @@
-"""Knowledge transfer: teacher ensembles, KD losses, MEAL V2, knowledge concentration, m2mKD.
+"""Knowledge transfer: teacher ensembles, KD losses, MEAL V2, dataset reinforcement, knowledge
+concentration, m2mKD.
 
-Modules: ``ensemble`` (frozen teachers, mean of softmaxes), ``losses`` (soft cross-entropy,
-Hinton KD), ``meal_v2`` (the logit discriminator, its loss and parameter groups),
-``concentration`` (verticals, structurally connected layers, self-paced scales, targets),
-``m2mkd`` (splitting a ViT into modules, the meta model, stitches, the module loss, a
-modular MoE student), ``reinforce`` (replayable augmentations, sharded top-k teacher
-probabilities with resume, the replaying dataset). Training methods and recipes come next
-(issue 4 is still open).
+``genforge.kd.distill(teachers=[...], student=..., method="meal_v2", ...)`` trains a student
+through the one training loop (:mod:`genforge.kd.api`). Modules: ``teachers`` (frozen
+classifiers from run directories or weight files), ``ensemble`` (mean of softmaxes),
+``losses`` (soft cross-entropy, Hinton KD), ``meal_v2`` (the logit discriminator, its loss and
+parameter groups), ``reinforce`` (replayable augmentations, sharded top-k teacher
+probabilities with resume, the replaying dataset), ``reinforce_recipe`` (``genforge
+reinforce``), ``concentration`` (verticals, structurally connected layers, self-paced scales,
+targets), ``m2mkd`` (splitting a ViT into modules, the meta model, stitches, the module loss,
+a modular MoE student). The trainable methods that use them are registered in
+``genforge.methods`` (``kd``, ``meal_v2``, ``reinforced``, ``specialists``,
+``concentration``, ``m2mkd``, ``modular_student``).
 """
+
+from genforge.kd.api import distill
+from genforge.kd.ensemble import TeacherEnsemble
+from genforge.kd.teachers import TeacherError, load_classifier, load_teachers
+
+__all__ = ["TeacherEnsemble", "TeacherError", "distill", "load_classifier", "load_teachers"]

@@ -212,14 +212,6 @@ def m2mkd_loss(
     return (1 - alpha) * base + alpha * kd
 
 
-def freeze_(module: nn.Module) -> nn.Module:
-    """Eval mode and no gradients, in place."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 def m2mkd_pair_loss(
     meta_modules: Sequence[nn.Module],
     teacher_module: nn.Module,
@@ -231,7 +223,7 @@ def m2mkd_pair_loss(
     tau: float = 1.0,
     distillation_type: str = "soft",
 ) -> torch.Tensor:
-    """The m2mKD loss of teaching pair `index`; meta and teacher must be frozen (see `freeze_`)."""
+    """The m2mKD loss of teaching pair `index`; meta and teacher must be frozen (see `genforge.kd.teachers.freeze`)."""
     with torch.no_grad():
         logits_t = hybrid_forward(meta_modules, index, teacher_module, images)
     logits_s = hybrid_forward(meta_modules, index, student_module, images)
@@ -307,6 +299,15 @@ class MoEMlp(nn.Module):
         return out.reshape_as(x)
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the position embeddings and prefix tokens of `model`, which timm's ViT keeps out of weight decay."""
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if name.rsplit(".", 1)[-1] in ("pos_embed", "cls_token", "reg_token")
+    }
+
+
 class ModularStudent(nn.Module):
     """A ViT of MoE blocks split into modules, each wrapped in `Stitched` like during m2mKD.
 
@@ -324,6 +325,7 @@ class ModularStudent(nn.Module):
         num_classes: int,
         img_size: int = 224,
         patch_size: int = 16,
+        in_chans: int = 3,
         num_experts: int = 4,
         top_k: int = 1,
         mlp_ratio: float = 4.0,
@@ -334,6 +336,7 @@ class ModularStudent(nn.Module):
         vit = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
+            in_chans=in_chans,
             embed_dim=embed_dim,
             depth=sum(depths),
             num_heads=num_heads,
@@ -364,6 +367,9 @@ class ModularStudent(nn.Module):
                     if k.startswith("module.")
                 }
             stage.load_state_dict(sd, strict=True)
+
+    def no_weight_decay(self) -> set[str]:
+        return no_weight_decay_names(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # images -> logits
         for stage in self.stages:

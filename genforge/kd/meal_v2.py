@@ -111,15 +111,34 @@ class MealV2Loss:
     d_target: torch.Tensor
 
 
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward, negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
 def meal_v2_loss(
     student_logits: torch.Tensor,
     ensemble_probs: torch.Tensor,
     ensemble_mean_logits: torch.Tensor,
     discriminator: nn.Module,
+    adversarial: bool = False,
 ) -> MealV2Loss:
-    """The MEAL V2 training loss. It takes no labels: hard labels never enter it."""
+    """The MEAL V2 training loss. It takes no labels: hard labels never enter it.
+
+    ``adversarial=True`` passes the student half to the discriminator through a gradient
+    reversal, so the student receives -dL_D/dz_S (it learns to fool D) while D still minimises
+    L_D; the default is the official joint update, where both minimise L_D.
+    """
     kd = soft_cross_entropy(student_logits, ensemble_probs.detach())
-    d_inputs, d_target = discriminator_batch(student_logits, ensemble_mean_logits)
+    judged = _GradientReversal.apply(student_logits) if adversarial else student_logits
+    d_inputs, d_target = discriminator_batch(judged, ensemble_mean_logits)
     d_output = discriminator(d_inputs)
     d = F.binary_cross_entropy_with_logits(d_output.float(), d_target)
     return MealV2Loss(

@@ -18,9 +18,9 @@ otherwise the original image with a one-hot target. The training loss is
 KL(t || softmax(student)) with batch-mean reduction, i.e. plain ERM cost.
 
 The augmentation order is fixed by a registry, whatever order they are given in:
-RandomResizedCrop -> HorizontalFlip -> RandomErasing -> MixUp -> CutMix. Mixing partners are
-a random dataset index ``id2``; the partner image goes through the same pre-mixing transforms
-with its own parameters, stored as a pair (θ_img, θ_img2).
+RandomResizedCrop -> HorizontalFlip -> RandAugment -> RandomErasing -> MixUp -> CutMix.
+Mixing partners are a random dataset index ``id2``; the partner image goes through the same
+pre-mixing transforms with its own parameters, stored as a pair (θ_img, θ_img2).
 
 Storage: instead of the official one ``{idx}.pth.tar`` pickle per index, indices are grouped
 in shards of ``shard_size`` (safetensors, no pickled objects), written atomically (tmp file +
@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from genforge.core.rng import symmetric_beta
 
@@ -170,6 +172,145 @@ class HorizontalFlip:
 
     def decode(self, flat: Sequence[float], pos: int) -> tuple[bool, int]:
         return bool(flat[pos]), pos + 1
+
+
+def _shear_x(x: torch.Tensor, m: float) -> torch.Tensor:
+    return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+                     shear=[math.degrees(math.atan(m)), 0.0], center=[0, 0])
+
+
+def _shear_y(x: torch.Tensor, m: float) -> torch.Tensor:
+    return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+                     shear=[0.0, math.degrees(math.atan(m))], center=[0, 0])
+
+
+def _translate_x(x: torch.Tensor, m: float) -> torch.Tensor:
+    return TF.affine(x, angle=0.0, translate=[int(m), 0], scale=1.0, shear=[0.0, 0.0])
+
+
+def _translate_y(x: torch.Tensor, m: float) -> torch.Tensor:
+    return TF.affine(x, angle=0.0, translate=[0, int(m)], scale=1.0, shear=[0.0, 0.0])
+
+
+# (name, op(image in [0, 1], magnitude), largest magnitude as a function of (H, W) or None
+# for ops without one, signed). Ranges as torchvision's RandAugment (Cubuk et al. 2020, Sec. 3).
+_RA_OPS: tuple[tuple[str, Callable, Callable | None, bool], ...] = (
+    ("identity", lambda x, m: x, None, False),
+    ("shear_x", _shear_x, lambda h, w: 0.3, True),
+    ("shear_y", _shear_y, lambda h, w: 0.3, True),
+    ("translate_x", _translate_x, lambda h, w: 150.0 / 331.0 * w, True),
+    ("translate_y", _translate_y, lambda h, w: 150.0 / 331.0 * h, True),
+    ("rotate", lambda x, m: TF.rotate(x, angle=m), lambda h, w: 30.0, True),
+    ("brightness", lambda x, m: TF.adjust_brightness(x, 1.0 + m), lambda h, w: 0.9, True),
+    ("color", lambda x, m: TF.adjust_saturation(x, 1.0 + m), lambda h, w: 0.9, True),
+    ("contrast", lambda x, m: TF.adjust_contrast(x, 1.0 + m), lambda h, w: 0.9, True),
+    ("sharpness", lambda x, m: TF.adjust_sharpness(x, 1.0 + m), lambda h, w: 0.9, True),
+    ("posterize", lambda x, m: TF.posterize(x, int(m)), None, False),
+    ("solarize", lambda x, m: TF.solarize(x, m), None, False),
+    ("autocontrast", lambda x, m: TF.autocontrast(x), None, False),
+    ("equalize", lambda x, m: TF.equalize(x), None, False),
+)
+
+
+class RandAugment:
+    """With probability p, ``num_ops`` random ops at a fixed magnitude bin (Cubuk et al. 2020).
+
+    Params: None (skipped) or a tuple of (op index, signed magnitude), one per op. The op list
+    and magnitude ranges follow torchvision's RandAugment; bin ``magnitude`` of
+    ``num_magnitude_bins`` gives the magnitude, and the sign of a signed op is drawn at sample
+    time (ml-dr stores the signed value, so replay needs no randomness). Posterize uses
+    8 - round(4 * bin / (bins - 1)) bits and Solarize the threshold 1 - bin / (bins - 1).
+    Images in ``value_range`` are mapped to [0, 1] for the torchvision ops and back;
+    equalize quantises to uint8 inside torchvision, deterministically.
+    """
+
+    name = "rand_augment"
+    mixing = False
+    OPS = tuple(op[0] for op in _RA_OPS)
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: int = 9,
+        num_magnitude_bins: int = 31,
+        p: float = 1.0,
+        value_range: Sequence[float] = (-1.0, 1.0),
+    ) -> None:
+        self.num_ops = int(num_ops)
+        self.magnitude = int(magnitude)
+        self.num_magnitude_bins = int(num_magnitude_bins)
+        self.p = float(p)
+        self.value_range = tuple(float(v) for v in value_range)
+        if self.num_ops < 1:
+            raise ValueError(f"num_ops must be positive, got {num_ops}")
+        if self.num_magnitude_bins < 2 or not 0 <= self.magnitude < self.num_magnitude_bins:
+            raise ValueError(
+                f"magnitude must be a bin in [0, num_magnitude_bins) with at least 2 bins, "
+                f"got magnitude={magnitude}, num_magnitude_bins={num_magnitude_bins}"
+            )
+        if len(self.value_range) != 2 or not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "num_ops": self.num_ops,
+            "magnitude": self.magnitude,
+            "num_magnitude_bins": self.num_magnitude_bins,
+            "p": self.p,
+            "value_range": list(self.value_range),
+        }
+
+    def _magnitude(self, op: int, height: int, width: int) -> float:
+        name, _, largest, _ = _RA_OPS[op]
+        fraction = self.magnitude / (self.num_magnitude_bins - 1)
+        if name == "posterize":
+            return float(8 - round(4 * fraction))
+        if name == "solarize":
+            return 1.0 - fraction
+        return 0.0 if largest is None else largest(height, width) * fraction
+
+    def _params(self, height: int, width: int, generator: torch.Generator) -> tuple | None:
+        if not _uniform(0.0, 1.0, generator) < self.p:
+            return None
+        ops = []
+        for _ in range(self.num_ops):
+            op = _randint(0, len(_RA_OPS), generator)
+            m = self._magnitude(op, height, width)
+            if _RA_OPS[op][3] and _randint(0, 2, generator):
+                m = -m
+            ops.append((op, m))
+        return tuple(ops)
+
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, tuple | None]:
+        _check_image(x)
+        if x.shape[0] not in (1, 3):
+            raise ValueError(f"RandAugment needs 1 or 3 channels, got {x.shape[0]}")
+        params = self._params(x.shape[-2], x.shape[-1], generator)
+        return self.apply(x, params), params
+
+    def apply(self, x: torch.Tensor, params: tuple | None) -> torch.Tensor:
+        if params is None:
+            return x
+        low, high = self.value_range
+        y = ((x - low) / (high - low)).clamp(0.0, 1.0)
+        for op, m in params:
+            y = _RA_OPS[int(op)][1](y, float(m))
+        return y * (high - low) + low
+
+    def encode(self, params: tuple | None) -> list[float]:
+        if params is None:
+            return [0.0]
+        return [1.0, *(float(v) for pair in params for v in pair)]
+
+    def decode(self, flat: Sequence[float], pos: int) -> tuple[tuple | None, int]:
+        if flat[pos] == 0:
+            return None, pos + 1
+        end = pos + 1 + 2 * self.num_ops
+        values = flat[pos + 1 : end]
+        ops = tuple((int(values[2 * i]), float(values[2 * i + 1])) for i in range(self.num_ops))
+        return ops, end
 
 
 class RandomErasing:
@@ -352,7 +493,14 @@ class CutMix(_Mixing):
 
 REGISTRY: dict[str, type] = {
     cls.name: cls
-    for cls in (RandomResizedCrop, HorizontalFlip, RandomErasing, MixUp, CutMix)
+    for cls in (
+        RandomResizedCrop,
+        HorizontalFlip,
+        RandAugment,
+        RandomErasing,
+        MixUp,
+        CutMix,
+    )
 }
 ORDER = tuple(REGISTRY)
 
@@ -514,6 +662,8 @@ def reinforce(
     dataset_name: str | None = None,
     device: str | torch.device = "cpu",
     max_shards: int | None = None,
+    progress: bool = False,
+    batch_size: int | None = None,
 ) -> Path:
     """Write NS augmentations and the teacher's top-k probabilities for every dataset index.
 
@@ -521,13 +671,17 @@ def reinforce(
     probabilities (B, C), e.g. a ``TeacherEnsemble`` (mean of softmaxes). Each index draws
     from its own generator seeded by (seed, index), so the output does not depend on shard
     boundaries or on resuming. Finished shards listed in ``index.json`` whose files exist are
-    skipped; ``max_shards`` stops after writing that many new shards.
+    skipped; ``max_shards`` stops after writing that many new shards. ``progress`` shows a
+    tqdm bar over the shards; ``batch_size`` caps how many images the teacher sees at once
+    (default: a whole shard).
     """
     if num_samples < 1 or top_k < 1 or shard_size < 1:
         raise ValueError(
             f"num_samples, top_k and shard_size must be positive, got {num_samples}, "
             f"{top_k}, {shard_size}"
         )
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive or None, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = len(dataset)
@@ -558,7 +712,8 @@ def reinforce(
     done = json.loads(index_path.read_text())["shards"] if index_path.exists() else []
     done = sorted(s for s in set(done) if (out / _shard_name(s)).exists())
     written = 0
-    for shard in range(math.ceil(size / shard_size)):
+    shards = range(math.ceil(size / shard_size))
+    for shard in tqdm(shards, desc="reinforce", unit="shard", disable=not progress):
         if shard in done:
             continue
         if max_shards is not None and written >= max_shards:
@@ -575,8 +730,14 @@ def reinforce(
                 )
                 images.append(img)
                 flats.append(pipeline.compress(params))
+        stacked = torch.stack(images)
         with torch.no_grad():
-            probs = teacher(torch.stack(images).to(device)).float().cpu()
+            probs = torch.cat(
+                [
+                    teacher(chunk.to(device)).float().cpu()
+                    for chunk in stacked.split(batch_size or len(stacked))
+                ]
+            )
         if probs.shape != (len(images), num_classes):
             raise ValueError(
                 f"the teacher returned shape {tuple(probs.shape)}, expected "
@@ -666,6 +827,20 @@ class ReinforcedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def check_complete(self) -> None:
+        """FileNotFoundError naming the shards that are missing or unfinished."""
+        shards = math.ceil(len(self.dataset) / int(self.manifest["shard_size"]))
+        missing = [
+            s
+            for s in range(shards)
+            if s not in self.finished or not (self.out_dir / _shard_name(s)).exists()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.out_dir}: shards {missing} of {shards} are missing or unfinished; "
+                "rerun reinforce() (genforge reinforce RECIPE) on this directory to complete it"
+            )
 
     def _shard(self, shard: int) -> dict[str, torch.Tensor]:
         if shard not in self._cache:

@@ -39,13 +39,32 @@ from genforge.data import build_dataset
 from genforge.metrics.calibration import expected_calibration_error
 from genforge.train import Method, register_method
 
-__all__ = ["ClassificationMethod", "ClassifierMethod", "check_label_smoothing", "classification_metrics",
+__all__ = ["ClassificationMethod", "ClassifierMethod", "check_label_smoothing", "check_timm_model", "classification_metrics",
            "classification_step", "finish_classifier", "load_split", "no_decay_groups", "predict_logits",
            "pretrained_overlay", "save_weights_atomic"]
 
 MODEL_DEFAULTS = {"name": None, "kwargs": {}, "pretrained_file": None, "label_smoothing": 0.0}
 DATASET_KWARGS = ("num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay")
 """create_model arguments the method sets itself, from the dataset and ``pretrained_file``."""
+
+
+def check_timm_model(model_cfg: dict, source: str, exempt=DATASET_KWARGS) -> None:
+    """ConfigError unless ``model.name`` is a timm model and ``model.kwargs`` a mapping that
+    leaves the arguments in ``exempt`` (set by the method) alone."""
+    name = model_cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: model.name must be a timm model name, got {name!r}")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"{source}: model.name {name!r} is not a timm model{hint}")
+    kwargs = model_cfg.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{source}: model.kwargs must be a mapping, got {type(kwargs).__name__}")
+    for key in exempt:
+        if key in kwargs:
+            raise ConfigError(f"{source}: model.kwargs.{key} is set by the method (from the dataset "
+                              "or model.pretrained_file); remove it")
 
 
 def check_label_smoothing(value, source: str) -> None:
@@ -176,21 +195,8 @@ class ClassifierMethod(ClassificationMethod):
 
     def validate_model_config(self, model_cfg: dict) -> None:
         source = self._source()
-        check_known_keys(model_cfg, list(MODEL_DEFAULTS), "model", source)
-        name = model_cfg.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{source}: model.name must be a timm model name, got {name!r}")
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"{source}: model.name {name!r} is not a timm model{hint}")
-        kwargs = model_cfg.get("kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise ConfigError(f"{source}: model.kwargs must be a mapping, got {type(kwargs).__name__}")
-        for key in DATASET_KWARGS:
-            if key in kwargs:
-                raise ConfigError(f"{source}: model.kwargs.{key} is set by the method (from the dataset "
-                                  "or model.pretrained_file); remove it")
+        check_known_keys(model_cfg, list(self.model_defaults), "model", source)
+        check_timm_model(model_cfg, source)
         weights = model_cfg.get("pretrained_file")
         if weights is not None and not Path(str(weights)).is_file():
             raise ConfigError(f"{source}: model.pretrained_file {weights!r} is not a file")

@@ -2,8 +2,8 @@
 
 `train(recipe)` looks the recipe's method up in the registry and runs it with
 `accelerate`: devices, DDP, mixed precision and gradient accumulation are Accelerator
-features. Around them the loop adds AdamW with the method's parameter groups, linear LR
-warm-up then a constant LR, EMA, atomic checkpoints, JSON-lines logging, a tqdm bar on
+features. Around them the loop adds AdamW or SGD with the method's parameter groups,
+linear LR warm-up then a constant or stepped LR, EMA, atomic checkpoints, JSON-lines logging, a tqdm bar on
 the main process, and a step and wall-time budget.
 
 A step is one optimizer update of `grad_accum` micro-batches of `data.batch_size` per
@@ -83,13 +83,22 @@ class _BatchStream(torch.utils.data.Sampler):
             position += 1
 
 
-def _warmup_factor(warmup_steps: int):
-    """LR factor of optimizer step s: linear from 1/(W+1) to 1 over W steps, then constant.
+def _lr_factor(warmup_steps: int, milestones=(), gamma: float = 0.1):
+    """LR factor of optimizer step s: linear from 1/(W+1) to 1 over W steps, times gamma for
+    every milestone reached (s >= m).
 
     A closure (not an object) so LambdaLR's state_dict stores nothing of it and a resumed
-    run takes W from its recipe.
+    run takes the schedule from its recipe.
     """
-    return lambda s: min(1.0, (s + 1) / (warmup_steps + 1))
+    milestones = sorted(milestones)
+    return lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) * gamma ** sum(s >= m for m in milestones)
+
+
+def _optimizer(tc, params) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (a parameter iterable or a list of groups with their own lr)."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 
 
 def _resume_point(output_dir: Path, resume) -> Path | None:
@@ -183,9 +192,9 @@ def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainRe
     set_seed(recipe.seed, device_specific=True)
     model = method.build_model()
     groups = method.parameter_groups(model)
-    optimizer = torch.optim.AdamW(groups if groups is not None else model.parameters(),
-                                  lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(tc.warmup_steps))
+    optimizer = _optimizer(tc, groups if groups is not None else model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(tc.warmup_steps, tc.lr_milestones, tc.lr_gamma))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     ema = EMA(raw_model, decay=tc.ema_decay, warmup=tc.ema_warmup)

@@ -9,13 +9,13 @@ from genforge.kd.m2mkd import (
     MetaModel,
     ModularStudent,
     MoEMlp,
-    freeze_,
     hybrid_forward,
     m2mkd_loss,
     m2mkd_pair_loss,
     split_vit,
     student_module,
 )
+from genforge.kd.teachers import freeze
 
 VIT = {"img_size": 32, "patch_size": 8, "num_heads": 2, "num_classes": 10}
 STUDENT = dict(
@@ -26,8 +26,8 @@ STUDENT = dict(
 def _setup():
     torch.manual_seed(0)
     teacher = VisionTransformer(embed_dim=32, depth=3, **VIT)
-    teacher_modules = freeze_(split_vit(teacher, [1, 1, 1]))
-    meta = freeze_(MetaModel(3, embed_dim=32, **VIT))
+    teacher_modules = freeze(split_vit(teacher, [1, 1, 1]))
+    meta = freeze(MetaModel(3, embed_dim=32, **VIT))
     images = torch.randn(8, 3, 32, 32)
     labels = torch.randint(0, 10, (8,))
     return teacher, teacher_modules, meta, images, labels

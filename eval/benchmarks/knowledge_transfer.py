@@ -1,0 +1,246 @@
+"""Knowledge transfer on digits: a small student from scratch, with classic KD, MEAL V2, from a
+reinforced dataset, and a modular MoE student trained end to end with and without m2mKD first.
+
+Every run is a shipped recipe of ``recipes/kd/`` with only its output directory, seed and (for
+the students) teacher paths changed, trained through the one training loop and scored on the
+digits test split (top-1 accuracy and 15-bin ECE of the EMA model):
+
+- teachers (seed 0): ``teacher_resnet18_digits`` and ``teacher_moat_digits``;
+- per seed, the ``test_efficientnet`` student of ``student_scratch_digits`` (300 steps),
+  ``kd_digits``, ``meal_v2_digits`` (from scratch, equal steps), ``reinforced_student_digits``
+  (on one reinforced dataset built by ``reinforce_digits`` from the same two teachers), and two
+  controls: MEAL V2 started from that seed's scratch student (the paper's initialisation, 300
+  more steps) and the scratch student trained for 600 steps (the same total);
+- m2mKD: the ViT teacher and meta model (seed 0), then per seed ``m2mkd_digits`` and
+  ``modular_student_digits`` from its modules against the same student from scratch.
+
+``--part cost`` times, in interleaved rounds in one process, an epoch of the student on the
+reinforced dataset (replay, no teacher) against an epoch of online KD on the same augmentation
+pipeline (augment, run both teachers, then the same student step), and plain training.
+A finished run (its metrics.json) is reused, so the parts resume and can run in parallel:
+
+    python eval/benchmarks/knowledge_transfer.py --part students --seeds 0 1 2
+    python eval/benchmarks/knowledge_transfer.py --part m2mkd --seeds 0 1 2
+    python eval/benchmarks/knowledge_transfer.py --part cost
+    python eval/benchmarks/knowledge_transfer.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from genforge.config import load_recipe
+from genforge.data import build_dataset
+from genforge.kd.ensemble import TeacherEnsemble
+from genforge.kd.losses import kd_kl_loss
+from genforge.kd.reinforce import ReinforcedDataset, ReinforcePipeline
+from genforge.kd.reinforce_recipe import dataset_tag, load_reinforce_recipe, run_reinforce_recipe
+from genforge.kd.teachers import load_teachers
+from genforge.train.loop import train
+
+RECIPES = Path("recipes/kd")
+STUDENT_ROWS = ["scratch", "kd", "meal_v2", "reinforced", "meal_v2_from_scratch_student", "scratch_600_steps"]
+M2MKD_ROWS = ["modular_scratch", "modular_m2mkd"]
+
+
+def run(root: Path, name: str, recipe: str, seed: int, **overrides) -> dict:
+    """Train ``recipes/kd/<recipe>.yaml`` into ``root/name`` (reused when finished); its metrics."""
+    out = root / name
+    done = out / "metrics.json"
+    if done.is_file() and json.loads(done.read_text()):
+        return json.loads(done.read_text())
+    settings = {"output_dir": str(out), "seed": seed, "train.max_minutes": None, **overrides}
+    return train(load_recipe(RECIPES / f"{recipe}.yaml", settings), resume="auto").metrics
+
+
+def teachers(root: Path) -> list[str]:
+    paths = []
+    for name in ("resnet18", "moat"):
+        run(root, f"teacher_{name}", f"teacher_{name}_digits", 0)
+        paths.append(str(root / f"teacher_{name}"))
+    return paths
+
+
+def reinforced_dir(root: Path, teacher_paths: list[str]) -> Path:
+    out = root / "reinforced_data"
+    recipe = load_reinforce_recipe(RECIPES / "reinforce_digits.yaml",
+                                   {"output_dir": str(out), "teachers": teacher_paths})
+    summary = run_reinforce_recipe(recipe, progress=False)
+    (root / "reinforce_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return out
+
+
+def students(root: Path, seeds: list[int]) -> None:
+    teacher_paths = teachers(root)
+    data_dir = reinforced_dir(root, teacher_paths)
+    for seed in seeds:
+        run(root, f"scratch_s{seed}", "student_scratch_digits", seed)
+        run(root, f"kd_s{seed}", "kd_digits", seed, **{"model.teachers": teacher_paths})
+        run(root, f"meal_v2_s{seed}", "meal_v2_digits", seed, **{"model.teachers": teacher_paths})
+        run(root, f"reinforced_s{seed}", "reinforced_student_digits", seed,
+            **{"model.reinforced_dir": str(data_dir)})
+    for seed in seeds:
+        run(root, f"meal_v2_from_scratch_student_s{seed}", "meal_v2_digits", seed,
+            **{"model.teachers": teacher_paths,
+               "model.pretrained_file": str(root / f"scratch_s{seed}" / "model.safetensors")})
+        run(root, f"scratch_600_steps_s{seed}", "student_scratch_digits", seed, **{"train.max_steps": 600})
+
+
+def m2mkd(root: Path, seeds: list[int]) -> None:
+    run(root, "vit_teacher", "vit_teacher_digits", 0)
+    run(root, "meta", "meta_digits", 0)
+    paths = {"model.teacher": str(root / "vit_teacher"), "model.meta": str(root / "meta")}
+    student = load_recipe(RECIPES / "m2mkd_digits.yaml").model["student"]
+    scratch_student = {**student, "meta_dim": load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]["embed_dim"],
+                       "patch_size": load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]["patch_size"]}
+    for seed in seeds:
+        run(root, f"m2mkd_modules_s{seed}", "m2mkd_digits", seed, **paths)
+        run(root, f"modular_m2mkd_s{seed}", "modular_student_digits", seed,
+            **{"model.m2mkd_run": str(root / f"m2mkd_modules_s{seed}")})
+        run(root, f"modular_scratch_s{seed}", "modular_student_digits", seed,
+            **{"model.m2mkd_run": None, "model.student": scratch_student})
+
+
+def _epoch(student, optimizer, batches) -> float:
+    """Seconds for one pass over ``batches`` (a generator doing its own data work) with the student step."""
+    start = time.perf_counter()
+    for images, targets in batches:
+        loss = kd_kl_loss(student(images), temperature=1.0, teacher_probs=targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def cost(root: Path, rounds: int) -> None:
+    """Epoch time: reinforced replay vs online KD (augment + teachers) vs plain training."""
+    import timm
+
+    recipe = load_recipe(RECIPES / "reinforced_student_digits.yaml")
+    data = recipe.data
+    train_set = build_dataset(data.name, split="train", image_size=data.image_size, resize=data.resize)
+    directory = root / "reinforced_data"
+    replay = ReinforcedDataset(train_set, directory, p_replay=1.0,
+                               dataset_name=dataset_tag(data, "train", train_set))
+    pipeline = ReinforcePipeline.from_config(replay.manifest["pipeline"])
+    ensemble = TeacherEnsemble(load_teachers([str(root / "teacher_resnet18"), str(root / "teacher_moat")],
+                                             num_classes=10, in_chans=1))
+    student = timm.create_model(recipe.model["name"], num_classes=10, in_chans=1)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batch, n = data.batch_size, len(train_set) - len(train_set) % data.batch_size
+    generator = torch.Generator().manual_seed(0)
+
+    def reinforced_batches():
+        loader = torch.utils.data.DataLoader(replay, batch_size=batch, shuffle=True, drop_last=True)
+        yield from loader
+
+    def online_kd_batches():
+        order = torch.randperm(len(train_set), generator=generator)[:n]
+        for first in range(0, n, batch):
+            images = []
+            for idx in order[first:first + batch].tolist():
+                id2 = int(torch.randint(len(train_set), (1,), generator=generator))
+                image, _ = pipeline.sample(train_set[idx][0], generator, partner=(id2, train_set[id2][0]))
+                images.append(image)
+            images = torch.stack(images)
+            yield images, ensemble(images)
+
+    def plain_batches():
+        order = torch.randperm(len(train_set), generator=generator)[:n]
+        for first in range(0, n, batch):
+            idx = order[first:first + batch]
+            yield train_set.images[idx], torch.nn.functional.one_hot(train_set.labels[idx], 10).float()
+
+    times = {"reinforced": [], "online_kd": [], "plain": []}
+    student.train()
+    for _ in range(rounds):
+        times["reinforced"].append(_epoch(student, optimizer, reinforced_batches()))
+        times["online_kd"].append(_epoch(student, optimizer, online_kd_batches()))
+        times["plain"].append(_epoch(student, optimizer, plain_batches()))
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["rounds"] = rounds
+    result["threads"] = torch.get_num_threads()
+    (root / "cost.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(root: Path) -> None:
+    def collect(prefix: str) -> dict[str, list[float]]:
+        found = {"test_accuracy": [], "test_ece": []}
+        for path in sorted(root.glob(f"{prefix}_s*/metrics.json")):
+            metrics = json.loads(path.read_text())
+            for key in found:
+                found[key].append(metrics[key])
+        return found
+
+    def table(rows: list[str], baseline: str, title: str) -> None:
+        base = collect(baseline)["test_accuracy"]
+        print(f"\n{title}\n")
+        print("| student | seeds | test accuracy % | ECE | vs baseline (points) | / pooled std |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            found = collect(row)
+            acc = found["test_accuracy"]
+            if not acc:
+                continue
+            mean, std = _stats([100 * a for a in acc])
+            ece_mean, ece_std = _stats(found["test_ece"])
+            if row == baseline or len(base) < 2 or len(acc) < 2:
+                delta = ratio = "-"
+            else:
+                base_mean, base_std = _stats([100 * a for a in base])
+                pooled = math.sqrt((std ** 2 + base_std ** 2) / 2)
+                delta = f"{mean - base_mean:+.2f}"
+                ratio = f"{(mean - base_mean) / pooled:+.1f}" if pooled > 0 else "inf"
+            print(f"| {row} | {len(acc)} | {mean:.2f} ± {std:.2f} | {ece_mean:.3f} ± {ece_std:.3f} | {delta} | {ratio} |")
+
+    for name in ("teacher_resnet18", "teacher_moat", "vit_teacher", "meta"):
+        path = root / name / "metrics.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+            print(f"{name}: test accuracy {100 * metrics['test_accuracy']:.2f}%, ECE {metrics['test_ece']:.3f}")
+    for seed_dir in sorted(root.glob("m2mkd_modules_s*/metrics.json")):
+        metrics = json.loads(seed_dir.read_text())
+        hybrids = {k: round(100 * v, 2) for k, v in metrics.items() if k.startswith(("hybrid", "student_test"))}
+        print(f"{seed_dir.parent.name}: {hybrids}")
+    table(STUDENT_ROWS, "scratch", "Students (test_efficientnet, 0.10M parameters, 300 steps unless named)")
+    table(M2MKD_ROWS, "modular_scratch", "Modular MoE student, end to end (same steps)")
+    if (root / "cost.json").is_file():
+        c = json.loads((root / "cost.json").read_text())
+        print(f"\nEpoch time (median of {c['rounds']} interleaved rounds, {c['threads']} threads): "
+              f"reinforced {c['reinforced']:.2f} s, online KD {c['online_kd']:.2f} s, plain {c['plain']:.2f} s; "
+              f"reinforced / online KD = {c['reinforced'] / c['online_kd']:.2f}, "
+              f"reinforced / plain = {c['reinforced'] / c['plain']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("runs/bench_kd"))
+    parser.add_argument("--part", choices=["students", "m2mkd", "cost"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.part == "students":
+        students(args.root, args.seeds)
+    elif args.part == "m2mkd":
+        m2mkd(args.root, args.seeds)
+    elif args.part == "cost":
+        cost(args.root, args.rounds)
+    if args.report:
+        report(args.root)
+
+
+if __name__ == "__main__":
+    main()
