@@ -134,6 +134,7 @@ class SpecialistsMethod(ClassificationMethod):
     """The specialist teachers of a vertical partition, one timm classifier per vertical."""
 
     model_defaults = SPECIALISTS_DEFAULTS
+    find_unused_parameters = True  # a vertical absent from a batch leaves its specialist idle
 
     def validate_model_config(self, model_cfg: dict) -> None:
         source = self._source()

@@ -232,6 +232,7 @@ class M2MKDMethod(ClassificationMethod):
     """Teach student modules against a split teacher inside a frozen meta model (m2mKD)."""
 
     model_defaults = M2MKD_DEFAULTS
+    find_unused_parameters = True  # top-k gating may leave an expert without tokens
 
     def validate_model_config(self, model_cfg: dict) -> None:
         """Keys and values only; the run directories are read when the model is built."""
@@ -337,6 +338,7 @@ class ModularStudentMethod(ClassificationMethod):
     """Cross-entropy training of the MoE modular student, from an m2mKD run's modules or from scratch."""
 
     model_defaults = MODULAR_DEFAULTS
+    find_unused_parameters = True  # top-k gating may leave an expert without tokens
 
     def validate_model_config(self, model_cfg: dict) -> None:
         """Keys and values only; ``m2mkd_run`` is read when the model is built."""

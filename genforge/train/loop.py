@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, send_to_device, set_seed
 from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
@@ -183,8 +183,11 @@ def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainRe
     method = method if method is not None else get_method(recipe.method)(recipe)
     method.validate_model_config(recipe.model)
     tc, out = recipe.train, Path(recipe.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum,
-                              mixed_precision=tc.mixed_precision)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=method.find_unused_parameters)
+    # cpu=True without CUDA: otherwise accelerate ignores torchrun's processes on a CPU machine
+    # and each one trains alone as the "main" process, writing the same files.
+    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
+                              cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     checkpoint = _resume_point(out, resume)
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")

@@ -28,6 +28,9 @@ class Method:
     """Base class of trainable methods; `name` is set by `register_method`."""
 
     name: str = ""
+    find_unused_parameters: bool = False
+    """True when some trained parameters may get no gradient in a step (mixture-of-experts
+    routing, a branch its batch did not reach): multi-process runs then tell DDP to look for them."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -5,9 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import timm
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model
 
 import genforge.methods.m2mkd  # noqa: F401  (registers the methods)
 from genforge.config import ConfigError, recipe_from_dict
@@ -24,16 +23,6 @@ from genforge.train import train
 
 VIT = {"img_size": 8, "patch_size": 4, "num_heads": 2}
 STUDENT = {"depths": [1, 1, 1], "embed_dim": 8, "num_heads": 2, "num_experts": 2, "top_k": 1, "mlp_ratio": 2.0}
-
-
-def write_run(directory, name="vit_tiny_patch16_224", **kwargs):
-    """A classifier run directory (model_config.json + model.safetensors) of a random timm model."""
-    directory.mkdir(parents=True)
-    config = {"model_name": name, "num_classes": 10, "in_chans": 1, **kwargs}
-    torch.manual_seed(0)
-    save_model(timm.create_model(**config), str(directory / "model.safetensors"))
-    (directory / "model_config.json").write_text(json.dumps(config))
-    return str(directory)
 
 
 def train_vit(out, depth):
@@ -219,14 +208,14 @@ def test_misfitting_teacher_or_meta_is_a_config_error_before_training(runs, tmp_
         M2MKDMethod(m2mkd_recipe(runs, tmp_path / "run", **change)).build_model()
 
 
-def test_a_teacher_that_is_not_a_vit_is_a_config_error(runs, tmp_path):
-    resnet = write_run(tmp_path / "resnet", name="test_resnet")
+def test_a_teacher_that_is_not_a_vit_is_a_config_error(runs, tmp_path, classifier_run):
+    resnet = str(classifier_run(tmp_path / "resnet", name="test_resnet"))
     with pytest.raises(ConfigError, match="is a ResNet, not a timm VisionTransformer"):
         M2MKDMethod(m2mkd_recipe(runs, tmp_path / "run", teacher=resnet)).build_model()
 
 
-def test_teacher_and_meta_of_other_widths_are_a_config_error(runs, tmp_path):
-    wide = write_run(tmp_path / "wide", embed_dim=32, depth=3, **VIT)
+def test_teacher_and_meta_of_other_widths_are_a_config_error(runs, tmp_path, classifier_run):
+    wide = str(classifier_run(tmp_path / "wide", "vit_tiny_patch16_224", embed_dim=32, depth=3, **VIT))
     with pytest.raises(ConfigError, match=r"differ in embed_dim \(16 vs 32\)"):
         M2MKDMethod(m2mkd_recipe(runs, tmp_path / "run", meta=wide)).build_model()
 

@@ -1,12 +1,9 @@
 """The online distillation methods ``kd`` and ``meal_v2`` in the training loop, and teacher loading."""
 
-import json
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 
 from genforge.config import ConfigError, recipe_from_dict
 from genforge.kd.meal_v2 import meal_v2_loss
@@ -14,17 +11,6 @@ from genforge.kd.teachers import TeacherError, load_classifier
 from genforge.methods.kd import KDMethod, MealV2Method
 from genforge.train import train
 from genforge.train.loop import _lr_factor
-
-
-def make_teacher_run(directory, name="test_efficientnet", num_classes=10, seed=0):
-    """A classifier-run directory (model_config.json + model.safetensors) of a random timm model."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=num_classes, in_chans=1)
-    directory.mkdir(parents=True)
-    save_model(model, str(directory / "model.safetensors"))
-    (directory / "model_config.json").write_text(
-        json.dumps({"model_name": name, "num_classes": num_classes, "in_chans": 1}))
-    return directory
 
 
 def recipe(tmp_path, method, teachers, steps=2, **model):
@@ -37,10 +23,10 @@ def recipe(tmp_path, method, teachers, steps=2, **model):
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
+def teachers(tmp_path_factory, classifier_run):
     root = tmp_path_factory.mktemp("teachers")
-    return [make_teacher_run(root / "a", "test_efficientnet", seed=1),
-            make_teacher_run(root / "b", "test_resnet", seed=2)]
+    return [classifier_run(root / "a", "test_efficientnet", seed=1),
+            classifier_run(root / "b", "test_resnet", seed=2)]
 
 
 def batch_of(method, size=8):
@@ -59,8 +45,8 @@ def test_teacher_round_trip_is_frozen_and_exact(teachers):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_teacher_with_other_class_count_is_refused_before_training(tmp_path, teachers):
-    five = make_teacher_run(tmp_path / "five", num_classes=5)
+def test_teacher_with_other_class_count_is_refused_before_training(tmp_path, teachers, classifier_run):
+    five = classifier_run(tmp_path / "five", num_classes=5)
     with pytest.raises(TeacherError, match="predicts 5 classes but 10"):
         load_classifier(five, num_classes=10)
     method = MealV2Method(recipe(tmp_path, "meal_v2", [teachers[0], five], channel_divisor=2))
@@ -135,8 +121,9 @@ def test_adversarial_update_reverses_only_the_discriminator_gradient():
         torch.testing.assert_close(g, parts["kd_loss"] + sign * parts["d_loss"])
 
 
-def test_meal_v2_trains_from_the_pretrained_student_and_resumes_with_its_discriminator(tmp_path, teachers):
-    start = make_teacher_run(tmp_path / "student", "test_efficientnet", seed=5)
+def test_meal_v2_trains_from_the_pretrained_student_and_resumes_with_its_discriminator(tmp_path, teachers,
+                                                                                         classifier_run):
+    start = classifier_run(tmp_path / "student", "test_efficientnet", seed=5)
     weights = str(start / "model.safetensors")
     base = dict(channel_divisor=2, pretrained_file=weights)
     step0 = MealV2Method(recipe(tmp_path, "meal_v2", teachers, **base)).build_model()
