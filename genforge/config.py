@@ -59,8 +59,8 @@ class TrainConfig:
 
     max_steps: int = field(default=1000, metadata={"min": 0})
     max_minutes: Optional[float] = field(default=None, metadata={"min": 0})
-    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = field(default=2.0e-4, metadata={"min": 0})
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = field(default=0.1, metadata={"min": 0})
     momentum: float = field(default=0.9, metadata={"min": 0})

@@ -106,7 +106,7 @@ def test_the_digits_recipe_loads_with_the_registry_order():
     recipe = load_reinforce_recipe("recipes/kd/reinforce_digits.yaml")
     names = [t.name for t in recipe.pipeline().transforms]
     assert names == ["random_resized_crop", "rand_augment", "random_erasing", "mixup", "cutmix"]
-    assert (recipe.num_samples, recipe.top_k, recipe.data.image_size) == (8, 3, 16)
+    assert (recipe.num_samples, recipe.top_k, recipe.data.image_size) == (8, 3, 32)
 
 
 def test_run_writes_shards_holding_the_teachers_topk_on_replayed_images(built):
