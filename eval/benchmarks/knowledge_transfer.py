@@ -123,10 +123,10 @@ def cost(root: Path, rounds: int) -> None:
     """Epoch time: reinforced replay vs online KD (augment + teachers) vs plain training."""
     import timm
 
-    recipe = load_recipe(RECIPES / "reinforced_student_digits.yaml")
+    directory = root / "reinforced_data"
+    recipe = load_recipe(RECIPES / "reinforced_student_digits.yaml", {"model.reinforced_dir": str(directory)})
     data = recipe.data
     train_set = build_dataset(data.name, split="train", image_size=data.image_size, resize=data.resize)
-    directory = root / "reinforced_data"
     replay = ReinforcedDataset(train_set, directory, p_replay=1.0,
                                dataset_name=dataset_tag(data, "train", train_set))
     pipeline = ReinforcePipeline.from_config(replay.manifest["pipeline"])
