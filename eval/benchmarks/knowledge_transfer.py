@@ -98,8 +98,8 @@ def m2mkd(root: Path, seeds: list[int]) -> None:
     run(root, "meta", "meta_digits", 0)
     paths = {"model.teacher": str(root / "vit_teacher"), "model.meta": str(root / "meta")}
     student = load_recipe(RECIPES / "m2mkd_digits.yaml").model["student"]
-    scratch_student = {**student, "meta_dim": load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]["embed_dim"],
-                       "patch_size": load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]["patch_size"]}
+    meta_vit = load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]
+    scratch_student = {**student, "meta_dim": meta_vit["embed_dim"], "patch_size": meta_vit["patch_size"]}
     for seed in seeds:
         run(root, f"m2mkd_modules_s{seed}", "m2mkd_digits", seed, **paths)
         run(root, f"modular_m2mkd_s{seed}", "modular_student_digits", seed,
