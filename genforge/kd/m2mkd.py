@@ -12,11 +12,15 @@ distillation
     L = (1 - a) CE(logits_S, y) + a tau^2 KL_sum(log_softmax(logits_S/tau) || log_softmax(logits_T/tau)) / numel(logits_S)
 (`hard`: the second term is CE(logits_S, argmax logits_T)). Student module i carries a
 pre-stitch LayerNorm + Linear (meta dim -> student dim) unless it is the first module, and a
-post-stitch Linear (student dim -> meta dim) unless it is the last. The trained modules are
+post-stitch LayerNorm + Linear (student dim -> meta dim) unless it is the last, as the
+official vmoe.py builds them (`Block` / `MoeBlock`: `nn.Sequential(ln=LayerNorm, fc=Linear)`,
+so the state-dict keys end in `pre_stitch.ln.*`, `pre_stitch.fc.*`, `post_stitch.ln.*`,
+`post_stitch.fc.*` as there). The trained modules are
 then loaded into the modular student (a ViT whose MLPs are token-wise mixture-of-experts
 layers) and trained end to end.
 """
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 
@@ -130,8 +134,15 @@ class MetaModel(nn.Module):
 # ----------------------------------------------------------------------------- stitching
 
 
+def _stitch(in_dim: int, out_dim: int) -> nn.Sequential:
+    """LayerNorm(in_dim) then Linear(in_dim -> out_dim), named `ln` and `fc` as in the official vmoe.py."""
+    return nn.Sequential(
+        OrderedDict(ln=nn.LayerNorm(in_dim), fc=nn.Linear(in_dim, out_dim))
+    )
+
+
 class Stitched(nn.Module):
-    """Student module with a pre-stitch (LayerNorm + Linear meta -> student) and a post-stitch (Linear student -> meta)."""
+    """Student module with a pre-stitch (LayerNorm + Linear meta -> student) and a post-stitch (LayerNorm + Linear student -> meta)."""
 
     def __init__(
         self,
@@ -142,13 +153,9 @@ class Stitched(nn.Module):
         last: bool,
     ):
         super().__init__()
-        self.pre_stitch = (
-            None
-            if first
-            else nn.Sequential(nn.LayerNorm(meta_dim), nn.Linear(meta_dim, student_dim))
-        )
+        self.pre_stitch = None if first else _stitch(meta_dim, student_dim)
         self.module = module
-        self.post_stitch = None if last else nn.Linear(student_dim, meta_dim)
+        self.post_stitch = None if last else _stitch(student_dim, meta_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_stitch is not None:

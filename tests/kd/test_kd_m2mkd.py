@@ -112,17 +112,43 @@ def test_hybrid_with_meta_stage_as_teacher_equals_meta_model(index):
     )
 
 
-def test_stitches_map_meta_dim_to_student_dim_and_back():
+def test_stitches_are_layernorm_then_linear_like_official_vmoe():
+    """Both stitches compute fc(LN(x)), with the official vmoe.py key names (ln, fc)."""
+    torch.manual_seed(0)
     middle = student_module(1, **STUDENT)
-    tokens = torch.randn(2, 17, 32)  # (B, 1 + 16 patches, meta dim)
-    inner = middle.pre_stitch(tokens)
-    assert inner.shape == (2, 17, 16)
-    assert middle.post_stitch(middle.module(inner)).shape == (2, 17, 32)
-    assert isinstance(middle.pre_stitch[0], torch.nn.LayerNorm) and middle.pre_stitch[
-        0
-    ].normalized_shape == (32,)
+    with torch.no_grad():  # non-trivial LN affine, so a missing or misplaced LN shows
+        for p in middle.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for stitch, in_dim in ((middle.pre_stitch, 32), (middle.post_stitch, 16)):
+        x = 3.0 * torch.randn(2, 17, in_dim) + 1.0
+        ln, fc = stitch.ln, stitch.fc
+        expected = F.linear(
+            F.layer_norm(x, (in_dim,), ln.weight, ln.bias, ln.eps), fc.weight, fc.bias
+        )
+        torch.testing.assert_close(stitch(x), expected)
+    keys = {
+        k for k in middle.state_dict() if k.startswith(("pre_stitch", "post_stitch"))
+    }
+    assert keys == {
+        f"{where}_stitch.{layer}.{p}"
+        for where in ("pre", "post")
+        for layer in ("ln", "fc")
+        for p in ("weight", "bias")
+    }
     assert student_module(0, **STUDENT).pre_stitch is None
     assert student_module(-1, **STUDENT).post_stitch is None
+
+
+def test_post_stitch_output_ignores_per_token_scale_and_shift_of_the_module_output():
+    """The post-stitch normalises each token first (a bare Linear would not be invariant)."""
+    torch.manual_seed(0)
+    post = student_module(1, **STUDENT).post_stitch
+    x = torch.randn(2, 17, 16)
+    scale = torch.rand(2, 17, 1) * 5 + 0.5
+    shift = torch.randn(2, 17, 1) * 4
+    torch.testing.assert_close(
+        post(scale * x + shift), post(x), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_index_zero_takes_images_and_last_returns_logits():
@@ -167,7 +193,7 @@ def test_trained_modules_load_strictly_and_end_to_end_training_lowers_loss():
         for k, v in stage.state_dict().items():
             assert torch.equal(v, sd[k])
     broken = dict(trained[1])
-    broken.pop("post_stitch.weight")
+    broken.pop("post_stitch.fc.weight")
     with pytest.raises(RuntimeError, match="Missing key"):
         full.load_modules([trained[0], broken, trained[2]])
     ModularStudent(keep_stitches=False, **STUDENT).load_modules(trained)
