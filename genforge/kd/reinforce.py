@@ -14,7 +14,9 @@ probability p it picks a random j, rebuilds a_ij = A(x_i; θ_ij) exactly from th
     zeros:   t[c_ij] = softmax(v_ij),    0 elsewhere  (the official quirk; also the
              fallback of ``smooth`` when the leftover mass 1 - sum v_ij is negative)
 
-otherwise the original image with a one-hot target. The training loss is
+otherwise the original image, through a fresh draw of the pipeline's per-image transforms
+(everything but MixUp/CutMix; ml-dr gives these samples its train transform, the same crop,
+RandAugment and erasing), with a one-hot target. The training loss is
 KL(t || softmax(student)) with batch-mean reduction, i.e. plain ERM cost.
 
 The augmentation order is fixed by a registry, whatever order they are given in:
@@ -317,6 +319,8 @@ class RandomErasing:
     """With probability p, set a random box to ``value``. Params: (x, y, h, w) or None.
 
     x is the top row and y the left column of the box (the torchvision convention).
+    ``value`` is in the datasets' [-1, 1] pixel range; the default -1 (black) is ml-dr's,
+    which erases to 0 before normalisation. 0 would be mid-grey.
     """
 
     name = "random_erasing"
@@ -327,7 +331,7 @@ class RandomErasing:
         p: float = 0.25,
         scale: Sequence[float] = (0.02, 0.33),
         ratio: Sequence[float] = (0.3, 3.3),
-        value: float = 0.0,
+        value: float = -1.0,
     ) -> None:
         self.p = float(p)
         self.scale = tuple(float(s) for s in scale)
@@ -534,7 +538,7 @@ class ReinforcePipeline:
     def sample(
         self,
         x: torch.Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
         partner: tuple[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[Params]]:
         """Draw one augmentation of x; ``partner`` = (id2, raw image) enables mixing."""
@@ -786,8 +790,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
     """Replays a reinforced dataset: no teacher is ever called.
 
     With probability ``p_replay``, item i is a random stored augmentation of image i rebuilt
-    from its params, with the densified teacher target; otherwise the original image (through
-    ``transform`` if given) and a one-hot target.
+    from its params, with the densified teacher target; otherwise the original image and a
+    one-hot target. With ``augment_original`` (the default, as ml-dr) that original image goes
+    through a fresh draw of the stored pipeline's per-image transforms (no MixUp/CutMix, so no
+    partner); without it, it is returned as the dataset gives it.
     """
 
     def __init__(
@@ -797,7 +803,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         p_replay: float = 0.99,
         densify: str = "smooth",
         dataset_name: str | None = None,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_original: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         if densify not in ("smooth", "zeros"):
@@ -815,7 +821,7 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         self.num_classes = int(self.manifest["num_classes"])
         self.p_replay = float(p_replay)
         self.densify = densify
-        self.transform = transform
+        self.augment_original = bool(augment_original)
         self.generator = generator
         index_path = self.out_dir / INDEX
         self.finished = (
@@ -893,6 +899,6 @@ class ReinforcedDataset(torch.utils.data.Dataset):
             )
             return self.replay(idx, j)
         image, label = self.dataset[idx]
-        if self.transform is not None:
-            image = self.transform(image)
+        if self.augment_original:
+            image, _ = self.pipeline.sample(image, self.generator)  # no partner: no mixing
         return image, F.one_hot(torch.tensor(int(label)), self.num_classes).float()

@@ -5,7 +5,8 @@ stores, once, NS augmentations of every training image with the teacher ensemble
 probabilities (``genforge reinforce``, :mod:`genforge.kd.reinforce_recipe`). This method
 trains any timm model on that directory: each item is, with probability ``p_replay``, a random
 stored augmentation replayed exactly from its params with the densified teacher target t, and
-otherwise the original image with its one-hot target. The loss is
+otherwise the original image with its one-hot target, through a fresh draw of the stored
+pipeline's per-image transforms as ml-dr gives these samples its train transform. The loss is
 
     L = KL(t || softmax(z_S)),   averaged over the batch ("batchmean"),
 
@@ -15,8 +16,10 @@ as a classifier run (``model.safetensors`` + ``model_config.json``).
 
 The recipe's ``model:`` section: ``name``, ``kwargs`` and ``pretrained_file`` as for the
 ``classifier`` method, plus ``reinforced_dir`` (required: the reinforce recipe's output
-directory, made from the same ``data:`` section), ``p_replay`` (0.99, the ImageNet setting)
-and ``densify`` (``smooth``: the leftover mass spread over the other classes; ``zeros``).
+directory, made from the same ``data:`` section), ``p_replay`` (0.99, the ImageNet setting),
+``densify`` (``smooth``: the leftover mass spread over the other classes; ``zeros``) and
+``augment_original`` (true, ml-dr's behaviour; false: the 1 - p_replay original images go in
+un-augmented).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from genforge.train import register_method
 
 __all__ = ["ReinforcedMethod"]
 
-REINFORCED_DEFAULTS = {"reinforced_dir": None, "p_replay": 0.99, "densify": "smooth"}
+REINFORCED_DEFAULTS = {"reinforced_dir": None, "p_replay": 0.99, "densify": "smooth", "augment_original": True}
 STUDENT_DEFAULTS = {key: value for key, value in MODEL_DEFAULTS.items() if key != "label_smoothing"}
 
 
@@ -61,6 +64,9 @@ class ReinforcedMethod(ClassifierMethod):
         densify = model_cfg.get("densify", REINFORCED_DEFAULTS["densify"])
         if densify not in ("smooth", "zeros"):
             raise ConfigError(f"{source}: model.densify must be 'smooth' or 'zeros', got {densify!r}")
+        if not isinstance(model_cfg.get("augment_original", True), bool):
+            raise ConfigError(f"{source}: model.augment_original must be true or false, "
+                              f"got {model_cfg['augment_original']!r}")
         super().validate_model_config({k: v for k, v in model_cfg.items() if k not in REINFORCED_DEFAULTS})
 
     def train_dataset(self) -> torch.utils.data.Dataset:
@@ -69,6 +75,7 @@ class ReinforcedMethod(ClassifierMethod):
         try:
             data = ReinforcedDataset(self.train_set, directory, p_replay=float(self.options["p_replay"]),
                                      densify=self.options["densify"],
+                                     augment_original=self.options["augment_original"],
                                      dataset_name=dataset_tag(self.recipe.data, "train", self.train_set))
         except ValueError as err:
             raise ConfigError(f"{self._source()}: model.reinforced_dir: {err}; the reinforce recipe's data "

@@ -4,7 +4,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from genforge.data.transforms import signed_to_uint8
 
 from genforge.kd.ensemble import TeacherEnsemble
 from genforge.kd.reinforce import (
@@ -200,7 +203,7 @@ def test_replay_never_calls_teacher_and_p0_is_one_hot(reinforced, monkeypatch):
     for i in range(len(data)):
         image, target = ds[i]
         assert image.shape == (3, 5, 5) and target.sum().item() == pytest.approx(1.0)
-    plain = ReinforcedDataset(data, out, p_replay=0.0)
+    plain = ReinforcedDataset(data, out, p_replay=0.0, augment_original=False)
     for i in range(len(data)):
         image, target = plain[i]
         torch.testing.assert_close(image, data[i][0])
@@ -208,6 +211,52 @@ def test_replay_never_calls_teacher_and_p0_is_one_hot(reinforced, monkeypatch):
             target.tolist()
             == torch.nn.functional.one_hot(torch.tensor(data[i][1]), C).float().tolist()
         )
+
+
+def test_random_erasing_fills_black_like_ml_dr():
+    """ml-dr erases to 0 before normalisation: black, pixel 0 (-1 in our [-1, 1] images)."""
+    x = torch.rand(3, 10, 10) * 1.8 - 0.9  # no black pixel before erasing
+    out, (top, left, h, w) = RandomErasing(p=1.0).sample(x, torch.Generator().manual_seed(0))
+    box = torch.zeros(10, 10, dtype=torch.bool)
+    box[top : top + h, left : left + w] = True
+    assert box.any()
+    assert (signed_to_uint8(out[:, box]) == 0).all()
+    torch.testing.assert_close(out[:, ~box], x[:, ~box], rtol=0, atol=0)
+
+
+def test_items_not_replayed_get_a_fresh_per_image_augmentation_never_mixed(tmp_path):
+    """As ml-dr's train transform: the 1 - p originals are cropped like the replays, not mixed."""
+    data, teacher = TinySet(), _teacher()
+    full_crop = RandomResizedCrop(5, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # the whole image
+    out = reinforce(data, teacher, tmp_path / "dr", ReinforcePipeline([full_crop, MixUp(1.0, 1.0)]),
+                    num_samples=2, top_k=K, seed=0, shard_size=4)
+    replayed = ReinforcedDataset(data, out, p_replay=1.0)
+    originals = ReinforcedDataset(data, out, p_replay=0.0)
+    mixed_with_another = 0
+    for i in range(len(data)):
+        own = F.interpolate(data[i][0][None], size=(5, 5), mode="bilinear", align_corners=False)[0]
+        image, target = originals[i]
+        torch.testing.assert_close(image, own, rtol=0, atol=0)
+        assert target.tolist() == F.one_hot(torch.tensor(data[i][1]), C).float().tolist()
+        for j, entry in enumerate(replayed.entries(i)):  # every stored replay is mixed
+            if entry["params"][0] != i:
+                assert not torch.equal(replayed.replay(i, j)[0], own)
+                mixed_with_another += 1
+    assert mixed_with_another > 0
+
+
+def test_items_not_replayed_are_drawn_afresh_from_the_generator(reinforced):
+    data, _, out = reinforced
+
+    def originals(seed):
+        ds = ReinforcedDataset(data, out, p_replay=0.0, generator=torch.Generator().manual_seed(seed))
+        return [ds[i][0] for i in range(len(data)) for _ in range(3)]
+
+    first, again, other = originals(0), originals(0), originals(1)
+    assert all(image.shape == (3, 5, 5) for image in first)  # the replays' crop size
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert len({image.numpy().tobytes() for image in first}) > len(data)
 
 
 def test_resume_after_kill_gives_identical_data(tmp_path, reinforced):

@@ -200,6 +200,11 @@ def test_student_items_are_replays_with_densified_targets(built, tmp_path):
     assert (target > 0).all()  # 'smooth': the leftover mass covers the other classes
     onehot = ReinforcedMethod(_student(tmp_path, built[1], p_replay=0.0)).train_dataset()
     assert torch.equal(onehot[5][1], torch.nn.functional.one_hot(torch.tensor(onehot.dataset[5][1]), 10).float())
+    raw = onehot.dataset[5][0]
+    torch.manual_seed(0)
+    assert not all(torch.equal(onehot[5][0], raw) for _ in range(4))  # augmented afresh, as ml-dr
+    plain = ReinforcedMethod(_student(tmp_path, built[1], p_replay=0.0, augment_original=False)).train_dataset()
+    assert all(torch.equal(plain[5][0], raw) for _ in range(4))
 
 
 def test_student_recipe_errors(built, tmp_path):
@@ -211,6 +216,8 @@ def test_student_recipe_errors(built, tmp_path):
         _student(tmp_path, built[1], label_smoothing=0.1)
     with pytest.raises(ConfigError, match="model.densify must be"):
         _student(tmp_path, built[1], densify="dense")
+    with pytest.raises(ConfigError, match="model.augment_original must be true or false, got 'yes'"):
+        _student(tmp_path, built[1], augment_original="yes")
     other = _student(tmp_path, built[1])
     other.data.resize = "resize"
     with pytest.raises(ConfigError, match="data section must match"):
