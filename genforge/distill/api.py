@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 
 from genforge.distill.data import RealData, load_real
 from genforge.distill.datadam import DataDAMOptions, datadam_objective
-from genforge.distill.dm import dm_objective
+from genforge.distill.dm import DMOptions, dm_objective
 from genforge.distill.dwa import DWAOptions, distill_dwa, load_teacher, train_teacher
-from genforge.distill.matching import MatchingOptions, distill_by_matching
+from genforge.distill.matching import distill_by_matching
 from genforge.distill.synthetic import SyntheticSet, initial_images
 
 __all__ = ["ENGINE_OPTIONS", "RandomOptions", "distill", "engine_options", "resolve_teacher"]
@@ -36,7 +36,7 @@ class RandomOptions:
         pass
 
 
-ENGINE_OPTIONS = {"random": RandomOptions, "dm": MatchingOptions, "datadam": DataDAMOptions, "dwa": DWAOptions}
+ENGINE_OPTIONS = {"random": RandomOptions, "dm": DMOptions, "datadam": DataDAMOptions, "dwa": DWAOptions}
 TEACHER_FILE = "teacher.safetensors"
 
 

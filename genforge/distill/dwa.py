@@ -160,7 +160,8 @@ def recover_batch(teacher: nn.Module, init: Tensor, targets: Tensor, options: DW
 
 
 def train_teacher(real: RealData, options: DWAOptions, seed: int, *, progress: bool = True) -> nn.Module:
-    """The squeeze step: a ConvNetBN trained on the real train set with the evaluation recipe."""
+    """The squeeze step: a ConvNetBN trained on the real train set with the evaluation recipe
+    (VICO's loop, so ``teacher_epochs`` + 1 passes)."""
     channels, size = real.image_shape[0], real.image_shape[1]
     net = build_convnet(channels, real.num_classes, size, width=options.teacher_width,
                         depth=options.teacher_depth, norm="batchnorm", seed=stream_seed(seed, 1 << 23))

@@ -1,18 +1,25 @@
 """The field's evaluation protocol: train fresh networks on the synthetic set, test on real data.
 
-Following VICO's ``evaluate_synset`` (Zhao & Bilen): a freshly initialised network per run,
-SGD (momentum 0.9, weight decay 5e-4, lr 0.01), ``epochs`` passes over the synthetic set in
-shuffled batches, the lr multiplied by 0.1 once after epoch ``epochs // 2 + 1`` (the
-optimiser is re-created there, as in VICO), DSA on every training batch with independent
+Following VICO's ``evaluate_synset`` (Zhao & Bilen, ``VICO-UoE/DatasetCondensation``
+utils.py) exactly: a freshly initialised network per run, SGD (momentum 0.9, weight decay
+5e-4, lr 0.01), ``for ep in range(E + 1)`` shuffled passes over the synthetic set with
+E = ``epochs`` (VICO's ``epoch_eval_train``), so E + 1 epochs are run; after the pass with
+0-based index E // 2 + 1 (``lr_schedule = [E // 2 + 1]``) the lr is multiplied by 0.1 and the
+optimiser re-created (its momentum dropped). DSA on every training batch with independent
 per-image parameters, and the accuracy of the **final** network on the full real test set
 without augmentation (no checkpoint is selected on the test set). ``num_eval`` networks
 give mean ± std.
 
-Soft labels: ``soft="teacher"`` relabels every augmented, mixed-up batch online with the
-unperturbed teacher in eval mode (DWA's ``validation_cifar.py``, which forgets the
-``eval()``), with loss T²·KL(softmax(t/T) || softmax(s/T)); ``soft="stored"`` uses the set's
-stored soft labels instead (no teacher in memory, no mixup). The student never sees the
-hard labels in either mode.
+Soft labels: ``soft="teacher"`` relabels every augmented, mixed-up batch (mixup α 0.8)
+online with the unperturbed teacher in eval mode, as DWA's ``validation_cifar.py`` relabels
+(online, after mixup), but inside VICO's protocol above and with our choice of loss, Hinton's
+T²·KL(softmax(t/T) || softmax(s/T)) at T = ``temperature`` (4). DWA's own CIFAR evaluation
+differs, and we do not reproduce it: plain ``KLDivLoss(batchmean)`` at T = 30 with no T²
+factor, AdamW (lr 1e-3, weight decay 0.01) with a cosine schedule over 200 epochs (400 in
+its run script), RandomCrop + flip instead of DSA, batch 128, the teacher left in train mode
+(it forgets ``eval()``), and the best test accuracy over epochs reported.
+``soft="stored"`` uses the set's stored soft labels instead (no teacher in memory, no
+mixup), with the same loss. The student never sees the hard labels in either mode.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ SOFT_MODES = ("none", "teacher", "stored")
 
 @dataclass
 class EvalOptions:
-    """The train-on-synthetic recipe (defaults: the spec's digits protocol)."""
+    """The train-on-synthetic recipe (defaults: the spec's digits protocol).
+
+    ``epochs`` is VICO's E (``epoch_eval_train``): E + 1 passes are run.
+    """
 
     num_eval: int = 5
     epochs: int = 300
@@ -107,7 +117,7 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, options: EvalO
     if teacher is not None:
         teacher.eval()
     net.train()
-    for epoch in range(options.epochs):
+    for epoch in range(options.epochs + 1):  # VICO: for ep in range(Epoch + 1)
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, options.batch_size):
             idx = order[start:start + options.batch_size]
@@ -126,7 +136,7 @@ def train_network(net: nn.Module, images: Tensor, labels: Tensor, options: EvalO
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if epoch + 1 == options.epochs // 2 + 1:
+        if epoch == options.epochs // 2 + 1:  # VICO: lr_schedule = [Epoch // 2 + 1]
             lr *= 0.1
             optimizer = make_optimizer()
     return net.eval()

@@ -46,7 +46,8 @@ Objective = Callable[[ConvNet, list[Tensor], list[Tensor]], tuple[Tensor, dict]]
 
 @dataclass
 class MatchingOptions:
-    """Options of the matching engines (defaults: DM/DataDAM's code at low IPC)."""
+    """Options of the matching engines (defaults: DataDAM's code at low IPC; DM's ``DMOptions``
+    takes its own code's ``batch_real`` of 256)."""
 
     iterations: int = 1000
     lr_img: float = 1.0

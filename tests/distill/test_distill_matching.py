@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import genforge
+from genforge.distill.data import RealData
 from genforge.distill.dm import dm_objective
 from genforge.distill.matching import MatchingOptions, distill_by_matching
 
@@ -69,3 +70,19 @@ def test_resume_without_a_saved_state_is_an_error(digits, tmp_path):
     real, _ = digits
     with pytest.raises(FileNotFoundError, match="no distillation state"):
         genforge.distill("dm", real, ipc=1, iterations=2, output_dir=tmp_path, resume=True, progress=False, **SMALL)
+
+
+@pytest.mark.parametrize(("method", "official_batch_real"), [("dm", 256), ("datadam", 64)])
+def test_engines_take_their_official_real_batch_by_default(monkeypatch, method, official_batch_real):
+    """DM's main_DM.py draws 256 real images per class, DataDAM's code 64."""
+    g = torch.Generator().manual_seed(0)
+    real = RealData(torch.rand(600, 1, 8, 8, generator=g), torch.arange(2).repeat_interleave(300), 2)
+    sizes = []
+
+    def recording(net, r, s, **kwargs):
+        sizes.append([len(batch) for batch in r])
+        return torch.cat(s).sum() * 0, {}
+
+    monkeypatch.setattr(genforge.distill.api, "dm_objective" if method == "dm" else "datadam_objective", recording)
+    genforge.distill(method, real, ipc=1, iterations=2, net_width=4, net_depth=2, progress=False)
+    assert sizes == [[official_batch_real] * 2] * 2
