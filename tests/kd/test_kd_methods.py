@@ -170,12 +170,24 @@ def test_lr_factor_warms_up_then_steps_down_at_each_milestone():
     assert values[4] == 1.0 and values[5] == pytest.approx(0.1) and values[8] == pytest.approx(0.01)
 
 
-def test_sgd_optimizer_is_built_with_momentum(tmp_path, teachers):
-    r = recipe(tmp_path, "meal_v2", teachers, steps=1, channel_divisor=2)
-    r.train.optimizer, r.train.momentum = "sgd", 0.9
+def test_sgd_from_the_recipe_accelerates_along_a_constant_gradient(tmp_path, teachers):
+    """Heavy ball: with a constant gradient the second step is (1 + momentum) times the first."""
     from genforge.train.loop import _optimizer
-    opt = _optimizer(r.train, MealV2Method(r).parameter_groups(MealV2Method(r).build_model()))
-    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    r = recipe(tmp_path, "meal_v2", teachers, steps=1, channel_divisor=2)
+    r.train.optimizer, r.train.momentum = "sgd", 0.5
+    method = MealV2Method(r)
+    model = method.build_model()
+    opt = _optimizer(r.train, method.parameter_groups(model))
+    params = [p for group in opt.param_groups for p in group["params"]]
+    positions = [torch.cat([p.detach().flatten() for p in params])]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        positions.append(torch.cat([p.detach().flatten() for p in params]))
+    first, second = positions[0] - positions[1], positions[1] - positions[2]
+    assert (first > 0).all()
+    torch.testing.assert_close(second, 1.5 * first)
 
 
 def test_python_api_runs_the_recipe_and_rejects_bad_input(tmp_path, teachers):
