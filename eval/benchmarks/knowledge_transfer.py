@@ -12,7 +12,17 @@ digits test split (top-1 accuracy and 15-bin ECE of the EMA model):
   controls: MEAL V2 started from that seed's scratch student (the paper's initialisation, 300
   more steps) and the scratch student trained for 600 steps (the same total);
 - m2mKD: the ViT teacher and meta model (seed 0), then per seed ``m2mkd_digits`` and
-  ``modular_student_digits`` from its modules against the same student from scratch.
+  ``modular_student_digits`` from its modules against the same student from scratch;
+- knowledge concentration, per seed: the three specialists of ``specialists_digits`` (one
+  resnet10t per vertical {0,1,2}, {3,4,5,6}, {7,8,9}), the ``concentration_digits`` student
+  taught by them, and two students of all 10 classes with the same budget (the
+  concentration recipe's data, steps, optimiser and EMA): the same network (resnet10t under
+  the FC-SC head with the self-paced scale) and loss (sigmoid CE) with one-hot targets instead
+  of the specialists' (a control registered here, ``concentration_onehot_control``), and a
+  plain resnet10t classifier (``classifier`` method, softmax CE). Every model is also scored
+  within the verticals: a test digit counts as right when the argmax over its own vertical's
+  classes is its label, the task each specialist solves (``vertical_metrics.json``, with the
+  mean top-1 softmax confidence and, for the concentration head, the learnt scales gamma_v).
 
 ``--part cost`` times, in interleaved rounds in one process, an epoch of the student on the
 reinforced dataset (replay, no teacher) against an epoch of online KD on the same augmentation
@@ -21,6 +31,7 @@ A finished run (its metrics.json) is reused, so the parts resume and can run in 
 
     python eval/benchmarks/knowledge_transfer.py --part students --seeds 0 1 2
     python eval/benchmarks/knowledge_transfer.py --part m2mkd --seeds 0 1 2
+    python eval/benchmarks/knowledge_transfer.py --part concentration --seeds 0 1 2
     python eval/benchmarks/knowledge_transfer.py --part cost
     python eval/benchmarks/knowledge_transfer.py --report
 """
@@ -35,19 +46,37 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from genforge.config import load_recipe
 from genforge.data import build_dataset
+from genforge.kd.concentration import Verticals
 from genforge.kd.ensemble import TeacherEnsemble
 from genforge.kd.losses import kd_kl_loss
 from genforge.kd.reinforce import ReinforcedDataset, ReinforcePipeline
 from genforge.kd.reinforce_recipe import dataset_tag, load_reinforce_recipe, run_reinforce_recipe
-from genforge.kd.teachers import load_teachers
+from genforge.kd.teachers import load_classifier, load_teachers
+from genforge.methods.classification import load_split, predict_logits
+from genforge.methods.concentration import (ConcentrationMethod, load_specialists, load_student, read_verticals,
+                                            specialist_dir)
+from genforge.train import register_method
 from genforge.train.loop import train
 
 RECIPES = Path("recipes/kd")
 STUDENT_ROWS = ["scratch", "kd", "meal_v2", "reinforced", "meal_v2_from_scratch_student", "scratch_600_steps"]
 M2MKD_ROWS = ["modular_scratch", "modular_m2mkd"]
+CONCENTRATION_ROWS = ["all_classes_classifier", "all_classes_onehot", "concentration"]
+VERTICAL_METRICS = "vertical_metrics.json"
+MAX_STEPS: dict = {}  # --max-steps N: {"train.max_steps": N} on every run (a quick end-to-end check)
+
+
+@register_method("concentration_onehot_control")
+class OneHotConcentrationControl(ConcentrationMethod):
+    """Benchmark control: the concentration student's network and sigmoid CE with the one-hot label
+    as the target over all classes, so no specialist is consulted (they are loaded, never run)."""
+
+    def targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(labels, self.verticals.num_classes).float()
 
 
 def run(root: Path, name: str, recipe: str, seed: int, **overrides) -> dict:
@@ -56,7 +85,7 @@ def run(root: Path, name: str, recipe: str, seed: int, **overrides) -> dict:
     done = out / "metrics.json"
     if done.is_file() and json.loads(done.read_text()):
         return json.loads(done.read_text())
-    settings = {"output_dir": str(out), "seed": seed, "train.max_minutes": None, **overrides}
+    settings = {"output_dir": str(out), "seed": seed, "train.max_minutes": None, **MAX_STEPS, **overrides}
     return train(load_recipe(RECIPES / f"{recipe}.yaml", settings), resume="auto").metrics
 
 
@@ -106,6 +135,63 @@ def m2mkd(root: Path, seeds: list[int]) -> None:
             **{"model.m2mkd_run": str(root / f"m2mkd_modules_s{seed}")})
         run(root, f"modular_scratch_s{seed}", "modular_student_digits", seed,
             **{"model.m2mkd_run": None, "model.student": scratch_student})
+
+
+def vertical_scores(logits: torch.Tensor, labels: torch.Tensor, verticals: Verticals) -> dict:
+    """Accuracy within each label's vertical (argmax over that vertical's classes only) and the
+    mean top-1 softmax confidence over all classes, of all-class logits (n, N) in class-id order."""
+    same_vertical = verticals.vertical_of[None, :] == verticals.vertical_of[labels][:, None]  # (n, N)
+    within = logits.masked_fill(~same_vertical, float("-inf")).argmax(1) == labels
+    return {"within_vertical_accuracy": float(within.float().mean()),
+            "mean_confidence": float(logits.softmax(1).max(1).values.mean())}
+
+
+def specialists_within_verticals(run_dir: Path, test_set, verticals: Verticals, batch_size: int) -> float:
+    """Pooled accuracy of the specialists, each on the test digits of its own vertical."""
+    specialists = load_specialists(run_dir, verticals, test_set.channels)
+    labels = torch.tensor([int(y) for _, y in test_set])
+    correct = 0
+    for v, specialist in enumerate(specialists):
+        rows = (verticals.vertical_of[labels] == v).nonzero(as_tuple=True)[0].tolist()
+        logits, _ = predict_logits(specialist, torch.utils.data.Subset(test_set, rows), batch_size)
+        group = torch.tensor(verticals.groups[v])
+        correct += int((group[logits.argmax(1)] == labels[rows]).sum())
+    return correct / len(labels)
+
+
+def concentration(root: Path, seeds: list[int]) -> None:
+    """Specialists, the concentration student and the two all-class students, per seed; then the
+    within-vertical scores of each (``vertical_metrics.json`` next to its ``metrics.json``)."""
+    for seed in seeds:
+        specialists = root / f"conc_specialists_s{seed}"
+        run(root, specialists.name, "specialists_digits", seed)
+        recipe = load_recipe(RECIPES / "concentration_digits.yaml", {"model.specialists": str(specialists)})
+        test_set, batch = load_split(recipe, "test"), recipe.eval.batch_size
+        verticals = read_verticals(specialists)
+        path = specialists / VERTICAL_METRICS
+        if not path.is_file():
+            accuracy = specialists_within_verticals(specialists, test_set, verticals, batch)
+            path.write_text(json.dumps({"within_vertical_accuracy": accuracy}, indent=1))
+        students = {
+            "concentration": {},
+            "all_classes_onehot": {"method": "concentration_onehot_control"},
+            "all_classes_classifier": {"method": "classifier", "model": {"name": recipe.model["name"],
+                                                                          "kwargs": recipe.model["kwargs"]}},
+        }
+        for row, overrides in students.items():
+            out = root / f"{row}_s{seed}"
+            run(root, out.name, "concentration_digits", seed,
+                **{"model.specialists": str(specialists), **overrides})
+            if (out / VERTICAL_METRICS).is_file():
+                continue
+            if row == "all_classes_classifier":
+                model = load_classifier(out, num_classes=verticals.num_classes, in_chans=test_set.channels)
+                scales = {}
+            else:
+                model = load_student(out)
+                scales = {"gamma": [round(float(g), 4) for g in model.head.scale.gamma]}
+            scores = vertical_scores(*predict_logits(model, test_set, batch), verticals)
+            (out / VERTICAL_METRICS).write_text(json.dumps({**scores, **scales}, indent=1))
 
 
 def _epoch(student, optimizer, batches) -> float:
@@ -216,6 +302,7 @@ def report(root: Path) -> None:
         print(f"{seed_dir.parent.name}: {hybrids}")
     table(STUDENT_ROWS, "scratch", "Students (test_efficientnet, 0.10M parameters, 300 steps unless named)")
     table(M2MKD_ROWS, "modular_scratch", "Modular MoE student, end to end (same steps)")
+    concentration_table(root)
     if (root / "cost.json").is_file():
         c = json.loads((root / "cost.json").read_text())
         print(f"\nEpoch time (median of {c['rounds']} interleaved rounds, {c['threads']} threads): "
@@ -224,18 +311,56 @@ def report(root: Path) -> None:
               f"reinforced / plain = {c['reinforced'] / c['plain']:.2f}")
 
 
+def concentration_table(root: Path) -> None:
+    """Knowledge concentration: all-class accuracy and ECE, and accuracy within the verticals."""
+    def stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+        if not values:
+            return "-"
+        mean, std = _stats([scale * v for v in values])
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    specialists = [json.loads(p.read_text())["within_vertical_accuracy"]
+                   for p in sorted(root.glob(f"conc_specialists_s*/{VERTICAL_METRICS}"))]
+    if not specialists:
+        return
+    print("\nKnowledge concentration (resnet10t, digits 16x16, same data, steps and optimiser)\n")
+    print("| model | seeds | test accuracy % (10 classes) | ECE | accuracy % within the vertical | "
+          "mean confidence | gamma_v |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| specialists, each on its own vertical | {len(specialists)} | - | - | {stat(specialists)} | - | - |")
+    for row in CONCENTRATION_ROWS:
+        runs = sorted(root.glob(f"{row}_s*/{VERTICAL_METRICS}"))
+        if not runs:
+            continue
+        metrics = [json.loads((p.parent / "metrics.json").read_text()) for p in runs]
+        extra = [json.loads(p.read_text()) for p in runs]
+        gammas = [e["gamma"] for e in extra if "gamma" in e]
+        gamma = ("/".join(f"{statistics.mean(g[v] for g in gammas):.2f}" for v in range(len(gammas[0])))
+                 if gammas else "-")
+        print(f"| {row} | {len(runs)} | {stat([m['test_accuracy'] for m in metrics])} | "
+              f"{stat([m['test_ece'] for m in metrics], 1.0, 3)} | "
+              f"{stat([e['within_vertical_accuracy'] for e in extra])} | "
+              f"{stat([e['mean_confidence'] for e in extra], 1.0, 3)} | {gamma} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/bench_kd"))
-    parser.add_argument("--part", choices=["students", "m2mkd", "cost"])
+    parser.add_argument("--part", choices=["students", "m2mkd", "concentration", "cost"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--max-steps", type=int, help="train every run of the part for this many steps "
+                        "(a quick end-to-end check; use another --root)")
     args = parser.parse_args()
+    if args.max_steps is not None:
+        MAX_STEPS["train.max_steps"] = args.max_steps
     if args.part == "students":
         students(args.root, args.seeds)
     elif args.part == "m2mkd":
         m2mkd(args.root, args.seeds)
+    elif args.part == "concentration":
+        concentration(args.root, args.seeds)
     elif args.part == "cost":
         cost(args.root, args.rounds)
     if args.report:
