@@ -114,10 +114,50 @@ def test_two_micro_batches_of_b_equal_one_batch_of_2b(tmp_path):
         torch.testing.assert_close(ema_a[name], ema_b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_wall_time_budget_stops_and_checkpoints(tmp_path):
-    result = train(make_recipe(tmp_path, max_steps=1000, max_minutes=0.0))
+def test_wall_time_cap_stops_checkpoints_and_says_loudly_that_it_cut_training(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="CUT TRAINING SHORT at step 1 of 1000"):
+        result = train(make_recipe(tmp_path, max_steps=1000, max_minutes=0.0))
     assert result.stopped_by_time and result.steps == 1
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert "WARNING: train.max_minutes=0.0 CUT TRAINING SHORT" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "metrics.json").read_text())["stopped_by_time"]
+    assert recorded == {"step": 1, "max_steps": 1000, "max_minutes": 0.0}
+
+
+def test_a_run_that_finishes_its_steps_records_no_cut(tmp_path):
+    result = train(make_recipe(tmp_path, max_steps=3, max_minutes=60.0))
+    assert not result.stopped_by_time and result.steps == 3
+    assert "stopped_by_time" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_resume_from_names_one(tmp_path):
+    from genforge.train.__main__ import main
+
+    common = dict(checkpoint_every=2, keep_checkpoints=3)
+    straight = train(make_recipe(tmp_path / "straight", max_steps=6, **common))
+    run = tmp_path / "run"
+    train(make_recipe(run, max_steps=4, **common))
+    newest = list_checkpoints(run)[-1]
+    (newest / "ema.safetensors").write_bytes(b"torn")
+    resumed = train(make_recipe(run, max_steps=6, **common), resume=True)
+    assert resumed.resumed_from == 2 and resumed.final_loss == straight.final_loss
+
+    # --resume-from: an explicit checkpoint, used as is (a damaged one is an error, not skipped)
+    from_ckpt = tmp_path / "from"
+    train(make_recipe(from_ckpt, max_steps=4, **common))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps({"method": TOY, "seed": 7, "output_dir": str(from_ckpt),
+                                       "data": {"batch_size": 6},
+                                       "train": {"max_steps": 6, "lr": 1e-2, "log_every": 5,
+                                                 "ema_decay": 0.9, **common}}))
+    step2 = list_checkpoints(from_ckpt)[0]
+    assert main([str(recipe_file), "--resume-from", str(step2)]) == 0
+    assert final_weights(from_ckpt)[0].keys() == final_weights(tmp_path / "straight")[0].keys()
+    for name, tensor in final_weights(tmp_path / "straight")[0].items():
+        assert torch.equal(final_weights(from_ckpt)[0][name], tensor), name
+    (step2 / "manifest.json").unlink()
+    assert main([str(recipe_file), "--resume-from", str(step2)]) == 2
+    assert main([str(recipe_file), "--resume-from", str(tmp_path / "nowhere")]) == 2
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
