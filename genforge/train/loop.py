@@ -35,6 +35,7 @@ from genforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_
                                        resume_latest, save_checkpoint)
 from genforge.train.ema import EMA
 from genforge.train.registry import get_method
+from genforge.train.resume import check_resume_settings, record_resume
 
 __all__ = ["TrainResult", "train"]
 
@@ -124,6 +125,14 @@ def _resume_point(output_dir: Path, resume, resume_from) -> Path | str | None:
     return "latest" if latest is not None else None
 
 
+def _check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output or checkpoint path that is a file."""
+    for path in (out, out / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"{path} is a file; output_dir and its checkpoints/ must be "
+                                  f"directories (choose another output_dir)")
+
+
 def _truncate_log(log_path: Path, step: int) -> None:
     """Drop log lines a killed run wrote after the checkpoint we resume from (and a line
     cut short by the kill)."""
@@ -208,7 +217,11 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
                               cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
                               step_scheduler_with_optimizer=False)
+    _check_output_dir(out)
     checkpoint = _resume_point(out, resume, resume_from)
+    # the run the checkpoint belongs to: <run>/checkpoints/step_N
+    run_of = Path(checkpoint).parents[1] if isinstance(checkpoint, Path) else out
+    changed = check_resume_settings(run_of, recipe) if checkpoint is not None else {}
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")
 
@@ -232,7 +245,9 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
         step, position = restored["step"], restored["data_position"]
         if accelerator.is_main_process:
             _truncate_log(out / "train_log.jsonl", step)
-        accelerator.print(f"resumed from {checkpoint}")
+            record_resume(out, step, changed)
+        accelerator.print(f"resumed from {checkpoint}"
+                          + (f" with changed {', '.join(changed)}" if changed else ""))
     resumed_from, last_saved = (step if checkpoint is not None else None), step
 
     stream = _BatchStream(len(dataset), recipe.data.batch_size, recipe.seed,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from genforge.config import check_known_keys, recipe_from_dict
+from genforge.config import ConfigError, check_known_keys, recipe_from_dict
 from genforge.train import CheckpointError, Method, list_checkpoints, register_method, train
 
 TOY = "toy_regression_train_loop_tests"
@@ -181,3 +181,39 @@ def test_set_overrides_read_yaml_and_e_notation_numbers():
     assert _parse_set("train.lr=0.5") == ("train.lr", 0.5)
     assert _parse_set("data.name=digits") == ("data.name", "digits")
     assert _parse_set("model.args={depth: 2}") == ("model.args", {"depth": 2})
+
+
+def test_resume_refuses_changed_settings_that_alter_the_result_naming_each_key(tmp_path):
+    train(make_recipe(tmp_path, max_steps=2, checkpoint_every=1))
+    recorded = (tmp_path / "recipe.yaml").read_text()
+    changed = make_recipe(tmp_path, batch_size=4, max_steps=4, lr=0.5, model={"hidden": 8})
+    with pytest.raises(ConfigError) as err:
+        train(changed, resume=True)
+    message = str(err.value)
+    for key in ("data.batch_size: 6 -> 4", "train.lr: 0.01 -> 0.5", "model.hidden: None -> 8"):
+        assert key in message
+    assert "train.max_steps" not in message.split("Keys a resume may change")[0]
+    assert (tmp_path / "recipe.yaml").read_text() == recorded  # still describes the run
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001", "step_0000002"]
+
+
+def test_resume_records_the_harmless_changes_it_allows(tmp_path):
+    train(make_recipe(tmp_path, max_steps=2))
+    result = train(make_recipe(tmp_path, max_steps=4, log_every=1), resume=True)
+    assert result.steps == 4
+    rows = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert rows == [{"resumed_at_step": 2, "changed": {"train.log_every": [5, 1],
+                                                       "train.max_steps": [2, 4]}}]
+    assert "log_every: 1" in (tmp_path / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("as_file", ["", "checkpoints"])
+def test_an_output_or_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path, as_file):
+    out = tmp_path / "run"
+    target = out / as_file if as_file else out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("not a folder")
+    with pytest.raises(CheckpointError, match=f"{target} is a file"):
+        train(make_recipe(out, max_steps=2))
+    if as_file:  # the run folder exists: nothing was trained or logged into it
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
