@@ -1,4 +1,5 @@
-"""Command line: `python -m genforge.train RECIPE [--resume] [--max-steps N] [--output-dir D]`.
+"""Command line: `python -m genforge.train RECIPE [--resume | --auto-resume | --resume-from CKPT]
+[--max-steps N] [--output-dir D]`.
 
 Works unchanged under `accelerate launch -m genforge.train ...`. Built-in methods register
 themselves when the registry first looks a name up (it imports `genforge.methods`).
@@ -41,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML recipe file")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint (error if there is none)")
+                        help="continue from the newest intact checkpoint (a damaged newer one is "
+                             "skipped with a warning; error if there is none)")
     resume.add_argument("--auto-resume", action="store_true",
-                        help="continue from the latest checkpoint if there is one")
+                        help="continue from the newest intact checkpoint if there is one")
+    resume.add_argument("--resume-from", metavar="CKPT",
+                        help="continue from this checkpoint directory (<output_dir>/checkpoints/step_N)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["output_dir"] = args.output_dir
     try:
         recipe = load_recipe(args.recipe, overrides)
-        result = train(recipe, resume="auto" if args.auto_resume else args.resume)
+        result = train(recipe, resume="auto" if args.auto_resume else args.resume,
+                       resume_from=args.resume_from)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,21 +1,28 @@
-"""Atomic, code-free training checkpoints.
+"""Atomic, code-free training checkpoints on `accelerator.save_state` / `load_state`.
 
 A checkpoint is a directory `<output_dir>/checkpoints/step_{N:07d}` holding
 
-    model.safetensors   the unwrapped model's state dict (parameters and buffers)
-    ema.safetensors     the EMA shadows
-    optimizer.pt        optimizer state (torch.save; plain tensors and numbers)
-    state.pt            step, data position, LR scheduler, EMA counters, process count
-    rng_{rank}.pt       python / numpy / torch (CPU and CUDA) RNG states, one per process
-    manifest.json       size and sha256 of every file above, written last
+    what accelerate's save_state writes   the model (model.safetensors, or FSDP / DeepSpeed
+                                          shards), optimizer.bin, scheduler.bin, the grad
+                                          scaler, random_states_{rank}.pkl (python, numpy,
+                                          torch CPU/CUDA RNGs of every process)
+    ema.safetensors                       the EMA model's tensors (ours)
+    state.json                            step, data position, EMA counters, process count
+    manifest.json                         size and sha256 of every file above, written last
 
-It is written into a temporary sibling `.tmp-step_{N:07d}`, every file and the directory
-are fsynced, and only then is it renamed to its final name: a run killed at any moment
-leaves either a complete checkpoint or a `.tmp-*` directory that resume never looks at
-(and the next save deletes). Loading uses safetensors and `torch.load(weights_only=True)`
-only, so a checkpoint can never execute code, and any damage (missing, truncated or
-garbled file) surfaces as a `CheckpointError` naming the file, checked against the manifest
-before anything is loaded. With several processes the output directory must be shared.
+accelerate knows how to gather and shard every distributed setup (DDP, FSDP, DeepSpeed), so
+the model, optimizer, scheduler and RNG states are its files. What it lacks is ours:
+- atomicity: everything is written into a temporary sibling `.tmp-step_{N:07d}`, every file
+  and the directory are fsynced, and only then is it renamed to its final name, so a run
+  killed at any moment leaves either a complete checkpoint or a `.tmp-*` directory that
+  resume never looks at (and the next save deletes);
+- the manifest, checked before anything is loaded, so any damage (missing, truncated or
+  garbled file) is a `CheckpointError` naming the file;
+- `keep`: only the newest checkpoints stay;
+- no unpickling: accelerate 1.x loads its own files with `weights_only=True`, but objects
+  given to `register_for_checkpointing` with `weights_only=False`; so nothing is registered
+  there: the EMA is a safetensors file and the loop's counters are JSON.
+With several processes the output directory must be shared.
 """
 
 from __future__ import annotations
@@ -23,21 +30,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from accelerate.utils import load as accelerate_load
+from safetensors import safe_open
 
 __all__ = ["CheckpointError", "checkpoints_root", "list_checkpoints", "latest_checkpoint",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "resume_latest"]
 
-_FORMAT = 1
+_FORMAT = 2
 _NAME = re.compile(r"^step_(\d{7})$")
 _TMP_PREFIX = ".tmp-"
+_OURS = ("ema.safetensors", "state.json")
 
 
 class CheckpointError(RuntimeError):
@@ -83,34 +89,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _rng_state() -> dict:
-    """All RNG states of this process, as tensors and plain numbers (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": (version, mt, gauss),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _files(directory: Path) -> list[Path]:
+    """Every file under `directory` (FSDP and DeepSpeed save sub-folders), sorted."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
-def _set_rng_state(state: dict) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(accelerator, output_dir, step: int, *, model, ema, optimizer, scheduler,
-                    data_position: int, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir, step: int, *, ema, data_position: int,
+                    keep: int) -> Path:
     """Atomically write the checkpoint of `step`; keep only the newest `keep`.
 
-    Call on every process: each writes its RNG state, the main process writes the rest.
-    `data_position` counts the micro-batches consumed so far; `model` may be wrapped.
+    Call on every process, after `accelerator.prepare` of the model, optimizer and LR
+    scheduler: `accelerator.save_state` writes those and every process's RNG state, the main
+    process adds the EMA and the counters. `data_position` counts the micro-batches consumed.
     """
     root = checkpoints_root(output_dir)
     final = root / f"step_{step:07d}"
@@ -121,25 +111,21 @@ def save_checkpoint(accelerator, output_dir, step: int, *, model, ema, optimizer
             shutil.rmtree(stale)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"),
-                   force_contiguous=True)
-        ema_state = ema.state_dict()
-        save_file({k: v.contiguous() for k, v in ema_state.pop("shadow").items()},
-                  str(tmp / "ema.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"format": _FORMAT, "step": step, "data_position": data_position,
-                    "scheduler": scheduler.state_dict(), "ema": ema_state,
-                    "num_processes": accelerator.num_processes}, tmp / "state.pt")
+        ema.save(tmp / "ema.safetensors")
+        state = {"format": _FORMAT, "step": step, "data_position": data_position,
+                 "ema": ema.counters(), "num_processes": accelerator.num_processes}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = _files(tmp)
         manifest = {"format": _FORMAT, "step": step,
-                    "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size,
+                                                              "sha256": _sha256(p)}
                               for p in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for p in [*files, tmp / "manifest.json", tmp]:
+        for p in [*files, tmp / "manifest.json", *sorted({f.parent for f in files}, reverse=True)]:
             _fsync(p)
         if final.exists():  # the same step saved again (e.g. a resume with nothing to do)
             old = root / f"{_TMP_PREFIX}old-{final.name}"
@@ -157,6 +143,8 @@ def save_checkpoint(accelerator, output_dir, step: int, *, model, ema, optimizer
 
 def _verify(path: Path, required: list[str]) -> None:
     """Check the manifest and every file's presence, size and hash before loading."""
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint file missing: {manifest_path} (incomplete checkpoint)")
@@ -191,38 +179,73 @@ def _load(file: Path, loader):
                               f"{type(err).__name__}: {err}") from None
 
 
-def load_checkpoint(accelerator, path, *, model, ema, optimizer, scheduler) -> dict:
+def _culprit(path: Path, err: Exception) -> str:
+    """Which of accelerate's files made `load_state` fail (it does not say): the first that
+    does not even open, else the model file for a state-dict mismatch, else the folder."""
+    def opens(file: Path) -> bool:
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as f:
+                    f.keys()
+            else:
+                accelerate_load(file, map_location="cpu")
+        except Exception:  # noqa: BLE001 -- any failure names this file
+            return False
+        return True
+
+    models = sorted(path.glob("model*.safetensors"))
+    for file in [*models, *sorted(path.glob("optimizer*.bin")), *sorted(path.glob("scheduler*.bin")),
+                 *sorted(path.glob("scaler.pt"))]:
+        if not opens(file):
+            return str(file)
+    return str(models[0]) if models and "state_dict" in str(err) else str(path)
+
+
+def load_checkpoint(accelerator, path, *, ema) -> dict:
     """Restore everything `save_checkpoint` wrote; returns `{"step", "data_position"}`.
 
-    Call on every process, after the model, optimizer and scheduler are built: the RNG
-    states are restored last, so the next random number is the one the saved run drew next.
+    Call on every process, after `accelerator.prepare` of the model, optimizer and LR
+    scheduler; the RNG states are restored too, so the next random number is the one the
+    saved run drew next.
     """
     path = Path(path)
-    rng_name = f"rng_{accelerator.process_index}.pt"
-    names = ["model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", rng_name]
-    _verify(path, names)
-
-    def torch_load(file):
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-    state = _load(path / "state.pt", torch_load)
+    rng_name = f"random_states_{accelerator.process_index}.pkl"
+    _verify(path, [*_OURS, rng_name])
+    state = _load(path / "state.json", lambda f: json.loads(f.read_text()))
     if state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path / 'state.pt'}: unknown checkpoint format "
-                              f"{state.get('format')!r}")
+        raise CheckpointError(f"{path / 'state.json'}: unknown checkpoint format "
+                              f"{state.get('format')!r} (expected {_FORMAT})")
     if state["num_processes"] != accelerator.num_processes:
         raise CheckpointError(f"{path} was saved by {state['num_processes']} processes; resume "
                               f"it with the same number (got {accelerator.num_processes})")
-
-    def load_weights(file):
-        missing, unexpected = load_model(accelerator.unwrap_model(model), str(file), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint file {file} does not match the model: missing "
-                                  f"{sorted(missing)}, unexpected {sorted(unexpected)}")
-
-    _load(path / "model.safetensors", load_weights)
-    _load(path / "ema.safetensors", lambda f: ema.load_state_dict(
-        {"shadow": load_file(str(f)), **state["ema"]}))
-    _load(path / "optimizer.pt", lambda f: optimizer.load_state_dict(torch_load(f)))
-    _load(path / "state.pt", lambda f: scheduler.load_state_dict(state["scheduler"]))
-    _load(path / rng_name, lambda f: _set_rng_state(torch_load(f)))
+    # accelerate logs and skips an RNG file it cannot read; resume would then not be exact.
+    _load(path / rng_name, lambda f: accelerate_load(f, map_location="cpu"))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # noqa: BLE001 -- reported with the file it came from
+        raise CheckpointError(f"cannot load checkpoint file {_culprit(path, err)}: "
+                              f"{type(err).__name__}: {err}") from None
+    _load(path / "ema.safetensors", lambda f: ema.load(f, state["ema"]))
     return {"step": int(state["step"]), "data_position": int(state["data_position"])}
+
+
+def resume_latest(accelerator, output_dir, *, ema) -> tuple[Path, dict]:
+    """Load the newest checkpoint that is intact, saying which damaged ones were skipped.
+
+    Every newer checkpoint that fails to load is reported and passed over; loading an older
+    one overwrites whatever a failed attempt had restored. Raises CheckpointError when none
+    loads.
+    """
+    errors = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            restored = load_checkpoint(accelerator, path, ema=ema)
+        except CheckpointError as err:
+            errors.append(str(err))
+            accelerator.print(f"warning: skipping damaged checkpoint {path.name}: {err}")
+            continue
+        if errors:
+            accelerator.print(f"resuming from {path.name}, the newest intact checkpoint")
+        return path, restored
+    detail = "; ".join(errors) if errors else "none found"
+    raise CheckpointError(f"no intact checkpoint in {checkpoints_root(output_dir)}: {detail}")

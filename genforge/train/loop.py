@@ -17,9 +17,9 @@ method draws from torch's global RNG continues exactly where it stopped.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from genforge.config import Recipe, save_recipe
 from genforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                                       save_checkpoint)
+                                       resume_latest, save_checkpoint)
 from genforge.train.ema import EMA
 from genforge.train.registry import get_method
+from genforge.train.resume import check_resume_settings, record_resume
 
 __all__ = ["TrainResult", "train"]
 
@@ -101,16 +102,35 @@ def _optimizer(tc, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
 
 
-def _resume_point(output_dir: Path, resume) -> Path | None:
-    """The checkpoint to resume from; errors for `resume=True` without one, and for a
-    fresh start over an existing run (which would mix two runs' checkpoints)."""
+def _resume_point(output_dir: Path, resume, resume_from) -> Path | str | None:
+    """Where to resume: a checkpoint path (`resume_from`), "latest" (the newest intact
+    checkpoint, found after the model is built) or None (a fresh start).
+
+    Errors for `resume=True` without a checkpoint, for a `resume_from` that is not a
+    checkpoint directory, and for a fresh start over an existing run (which would mix two
+    runs' checkpoints).
+    """
+    if resume_from is not None:
+        path = Path(resume_from)
+        if not (path / "manifest.json").is_file():
+            raise CheckpointError(f"--resume-from {path}: not a checkpoint directory (expected "
+                                  f"<output_dir>/checkpoints/step_NNNNNNN with a manifest.json)")
+        return path
     latest = latest_checkpoint(output_dir)
     if resume is True and latest is None:
         raise CheckpointError(f"no checkpoint found in {output_dir / 'checkpoints'}")
     if not resume and latest is not None:
         raise CheckpointError(f"{output_dir} already holds checkpoints (latest {latest.name}); "
                               f"resume it (--resume) or choose another output_dir")
-    return latest
+    return "latest" if latest is not None else None
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output or checkpoint path that is a file."""
+    for path in (out, out / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"{path} is a file; output_dir and its checkpoints/ must be "
+                                  f"directories (choose another output_dir)")
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -149,11 +169,15 @@ class _Log:
                 value.detach() if isinstance(value, torch.Tensor) else value)
 
     def emit(self, step: int, lr: float) -> None:
-        loss = self.accelerator.reduce(torch.stack(self.losses).mean(), "mean").item()
+        # Means over every process (each saw its shard of the global batch), one reduce a key.
+        device = self.accelerator.device
+        means = {k: torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in vs]).mean()
+                 for k, vs in {"loss": self.losses, **self.scalars}.items()}
+        means = {k: self.accelerator.reduce(v, "mean").item() for k, v in means.items()}
+        loss = means.pop("loss")
         elapsed = max(time.monotonic() - self.start, 1e-9)
         row = {"step": step, "loss": loss, "lr": lr,
-               "images_per_s": self.images_per_step * len(self.losses) / elapsed,
-               **{k: sum(float(v) for v in vs) / len(vs) for k, vs in self.scalars.items()}}
+               "images_per_s": self.images_per_step * len(self.losses) / elapsed, **means}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -172,9 +196,11 @@ def _save_weights(model: torch.nn.Module, directory: Path) -> None:
         save_model(model, str(directory / "model.safetensors"), force_contiguous=True)
 
 
-def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainResult:
-    """Train `recipe`'s method; `resume`: True (latest checkpoint, error if none), "auto"
-    (latest if any) or False (fresh; error if the output dir already holds checkpoints).
+def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
+          method=None) -> TrainResult:
+    """Train `recipe`'s method; `resume`: True (newest intact checkpoint, error if none),
+    "auto" (newest intact if any) or False (fresh; error if the output dir already holds
+    checkpoints). `resume_from` names one checkpoint directory to continue from instead.
 
     `method` overrides the registry lookup with a ready `Method` instance.
     """
@@ -186,9 +212,16 @@ def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainRe
     ddp = DistributedDataParallelKwargs(find_unused_parameters=method.find_unused_parameters)
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's processes on a CPU machine
     # and each one trains alone as the "main" process, writing the same files.
+    # step_scheduler_with_optimizer=False: our LR schedule counts optimizer steps, while
+    # accelerate would step it once per process.
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
-                              cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-    checkpoint = _resume_point(out, resume)
+                              cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                              step_scheduler_with_optimizer=False)
+    _check_output_dir(out)
+    checkpoint = _resume_point(out, resume, resume_from)
+    # the run the checkpoint belongs to: <run>/checkpoints/step_N
+    run_of = Path(checkpoint).parents[1] if isinstance(checkpoint, Path) else out
+    changed = check_resume_settings(run_of, recipe) if checkpoint is not None else {}
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")
 
@@ -198,19 +231,23 @@ def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainRe
     optimizer = _optimizer(tc, groups if groups is not None else model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(tc.warmup_steps, tc.lr_milestones, tc.lr_gamma))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = EMA(raw_model, decay=tc.ema_decay, warmup=tc.ema_warmup)
     dataset = method.train_dataset()
 
     step = position = 0
+    if checkpoint == "latest":
+        checkpoint, restored = resume_latest(accelerator, out, ema=ema)
+    elif checkpoint is not None:
+        restored = load_checkpoint(accelerator, checkpoint, ema=ema)
     if checkpoint is not None:
-        restored = load_checkpoint(accelerator, checkpoint, model=model, ema=ema,
-                                   optimizer=optimizer, scheduler=scheduler)
         step, position = restored["step"], restored["data_position"]
         if accelerator.is_main_process:
             _truncate_log(out / "train_log.jsonl", step)
-        accelerator.print(f"resumed from {checkpoint}")
+            record_resume(out, step, changed)
+        accelerator.print(f"resumed from {checkpoint}"
+                          + (f" with changed {', '.join(changed)}" if changed else ""))
     resumed_from, last_saved = (step if checkpoint is not None else None), step
 
     stream = _BatchStream(len(dataset), recipe.data.batch_size, recipe.seed,
@@ -253,30 +290,36 @@ def train(recipe: Recipe, *, resume: bool | str = False, method=None) -> TrainRe
 
         if deadline is not None:  # every process must agree, or they would deadlock
             flag = torch.tensor([int(time.monotonic() > deadline)], device=accelerator.device)
-            stopped_by_time = bool(broadcast(flag).item())
+            stopped_by_time = bool(broadcast(flag).item()) and step < tc.max_steps
         if step % tc.checkpoint_every == 0 or stopped_by_time:
-            save_checkpoint(accelerator, out, step, model=model, ema=ema, optimizer=optimizer,
-                            scheduler=scheduler, data_position=position, keep=tc.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, ema=ema, data_position=position,
+                            keep=tc.keep_checkpoints)
             last_saved = step
         if stopped_by_time:
-            accelerator.print(f"stopping after {tc.max_minutes} minutes at step {step}")
             break
     progress.close()
     if final_loss is not None:
         final_loss = final_loss.item()
     if last_saved != step:
-        save_checkpoint(accelerator, out, step, model=model, ema=ema, optimizer=optimizer,
-                        scheduler=scheduler, data_position=position, keep=tc.keep_checkpoints)
+        save_checkpoint(accelerator, out, step, ema=ema, data_position=position,
+                        keep=tc.keep_checkpoints)
+    if stopped_by_time:
+        message = (f"train.max_minutes={tc.max_minutes} CUT TRAINING SHORT at step {step} of "
+                   f"{tc.max_steps}: this run is not the recipe's result (resume with --resume "
+                   f"to finish it)")
+        accelerator.print(f"WARNING: {message}")
+        warnings.warn(message, stacklevel=2)
 
     accelerator.wait_for_everyone()
     raw_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    ema_model = copy.deepcopy(raw_model)
-    ema.copy_to(ema_model)
-    ema_model.eval()
+    ema_model = ema.module
     if accelerator.is_main_process:
         _save_weights(raw_model, out / "model")
         _save_weights(ema_model, out / "ema")
     metrics = method.on_train_end(ema_model, accelerator, out) or {}
+    if stopped_by_time:
+        metrics = {**metrics, "stopped_by_time": {"step": step, "max_steps": tc.max_steps,
+                                                  "max_minutes": tc.max_minutes}}
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if metrics:

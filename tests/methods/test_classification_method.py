@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import build_dataset
 from genforge.methods.classification import ClassifierMethod, classification_metrics, predict_logits
-from genforge.train import train
+from genforge.train import latest_checkpoint, train
 
 
 def classifier_recipe(tmp_path, **model):
@@ -49,6 +49,20 @@ def test_saved_ema_weights_reload_to_the_reported_test_metrics(trained):
     again = classification_metrics(*predict_logits(model, test_set, batch_size=100))
     assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert again["test_ece"] == pytest.approx(metrics["test_ece"], abs=1e-6)
+
+
+def test_saved_model_holds_the_emas_batchnorm_statistics_not_the_raw_models(trained):
+    # The EMA averages buffers too: scoring EMA weights with the raw model's running
+    # statistics mixed two different networks.
+    out = trained.output_dir
+    checkpoint = latest_checkpoint(out)
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    assert all(torch.equal(saved[k], ema[k]) for k in stats)
+    assert all(not torch.allclose(raw[k], ema[k]) for k in stats)
 
 
 def test_channels_and_classes_follow_the_dataset(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from genforge.config import check_known_keys, recipe_from_dict
+from genforge.config import ConfigError, check_known_keys, recipe_from_dict
 from genforge.train import CheckpointError, Method, list_checkpoints, register_method, train
 
 TOY = "toy_regression_train_loop_tests"
@@ -114,10 +114,50 @@ def test_two_micro_batches_of_b_equal_one_batch_of_2b(tmp_path):
         torch.testing.assert_close(ema_a[name], ema_b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_wall_time_budget_stops_and_checkpoints(tmp_path):
-    result = train(make_recipe(tmp_path, max_steps=1000, max_minutes=0.0))
+def test_wall_time_cap_stops_checkpoints_and_says_loudly_that_it_cut_training(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="CUT TRAINING SHORT at step 1 of 1000"):
+        result = train(make_recipe(tmp_path, max_steps=1000, max_minutes=0.0))
     assert result.stopped_by_time and result.steps == 1
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert "WARNING: train.max_minutes=0.0 CUT TRAINING SHORT" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "metrics.json").read_text())["stopped_by_time"]
+    assert recorded == {"step": 1, "max_steps": 1000, "max_minutes": 0.0}
+
+
+def test_a_run_that_finishes_its_steps_records_no_cut(tmp_path):
+    result = train(make_recipe(tmp_path, max_steps=3, max_minutes=60.0))
+    assert not result.stopped_by_time and result.steps == 3
+    assert "stopped_by_time" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_resume_from_names_one(tmp_path):
+    from genforge.train.__main__ import main
+
+    common = dict(checkpoint_every=2, keep_checkpoints=3)
+    straight = train(make_recipe(tmp_path / "straight", max_steps=6, **common))
+    run = tmp_path / "run"
+    train(make_recipe(run, max_steps=4, **common))
+    newest = list_checkpoints(run)[-1]
+    (newest / "ema.safetensors").write_bytes(b"torn")
+    resumed = train(make_recipe(run, max_steps=6, **common), resume=True)
+    assert resumed.resumed_from == 2 and resumed.final_loss == straight.final_loss
+
+    # --resume-from: an explicit checkpoint, used as is (a damaged one is an error, not skipped)
+    from_ckpt = tmp_path / "from"
+    train(make_recipe(from_ckpt, max_steps=4, **common))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps({"method": TOY, "seed": 7, "output_dir": str(from_ckpt),
+                                       "data": {"batch_size": 6},
+                                       "train": {"max_steps": 6, "lr": 1e-2, "log_every": 5,
+                                                 "ema_decay": 0.9, **common}}))
+    step2 = list_checkpoints(from_ckpt)[0]
+    assert main([str(recipe_file), "--resume-from", str(step2)]) == 0
+    assert final_weights(from_ckpt)[0].keys() == final_weights(tmp_path / "straight")[0].keys()
+    for name, tensor in final_weights(tmp_path / "straight")[0].items():
+        assert torch.equal(final_weights(from_ckpt)[0][name], tensor), name
+    (step2 / "manifest.json").unlink()
+    assert main([str(recipe_file), "--resume-from", str(step2)]) == 2
+    assert main([str(recipe_file), "--resume-from", str(tmp_path / "nowhere")]) == 2
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -141,3 +181,39 @@ def test_set_overrides_read_yaml_and_e_notation_numbers():
     assert _parse_set("train.lr=0.5") == ("train.lr", 0.5)
     assert _parse_set("data.name=digits") == ("data.name", "digits")
     assert _parse_set("model.args={depth: 2}") == ("model.args", {"depth": 2})
+
+
+def test_resume_refuses_changed_settings_that_alter_the_result_naming_each_key(tmp_path):
+    train(make_recipe(tmp_path, max_steps=2, checkpoint_every=1))
+    recorded = (tmp_path / "recipe.yaml").read_text()
+    changed = make_recipe(tmp_path, batch_size=4, max_steps=4, lr=0.5, model={"hidden": 8})
+    with pytest.raises(ConfigError) as err:
+        train(changed, resume=True)
+    message = str(err.value)
+    for key in ("data.batch_size: 6 -> 4", "train.lr: 0.01 -> 0.5", "model.hidden: None -> 8"):
+        assert key in message
+    assert "train.max_steps" not in message.split("Keys a resume may change")[0]
+    assert (tmp_path / "recipe.yaml").read_text() == recorded  # still describes the run
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001", "step_0000002"]
+
+
+def test_resume_records_the_harmless_changes_it_allows(tmp_path):
+    train(make_recipe(tmp_path, max_steps=2))
+    result = train(make_recipe(tmp_path, max_steps=4, log_every=1), resume=True)
+    assert result.steps == 4
+    rows = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert rows == [{"resumed_at_step": 2, "changed": {"train.log_every": [5, 1],
+                                                       "train.max_steps": [2, 4]}}]
+    assert "log_every: 1" in (tmp_path / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("as_file", ["", "checkpoints"])
+def test_an_output_or_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path, as_file):
+    out = tmp_path / "run"
+    target = out / as_file if as_file else out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("not a folder")
+    with pytest.raises(CheckpointError, match=f"{target} is a file"):
+        train(make_recipe(out, max_steps=2))
+    if as_file:  # the run folder exists: nothing was trained or logged into it
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
