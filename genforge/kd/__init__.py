@@ -5,8 +5,8 @@ concentration, m2mKD.
 through the one training loop (:mod:`genforge.kd.api`). Modules: ``teachers`` (frozen
 classifiers from run directories or weight files), ``ensemble`` (mean of softmaxes),
 ``losses`` (soft cross-entropy, Hinton KD), ``meal_v2`` (the logit discriminator, its loss and
-parameter groups), ``reinforce`` (replayable augmentations, sharded top-k teacher
-probabilities with resume, the replaying dataset), ``reinforce_recipe`` (``genforge
+parameter groups), ``augment`` (replayable augmentations and their pipeline), ``reinforce``
+(sharded top-k teacher probabilities with resume, the replaying dataset), ``reinforce_recipe`` (``genforge
 reinforce``), ``concentration`` (verticals, structurally connected layers, self-paced scales,
 targets), ``m2mkd`` (splitting a ViT into modules, the meta model, stitches, the module loss,
 a modular MoE student). The trainable methods that use them are registered in

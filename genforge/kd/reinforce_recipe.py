@@ -11,7 +11,7 @@ recipe (``recipes/kd/reinforce_*.yaml``) names:
   (:func:`genforge.kd.teachers.load_classifier`), averaged at ``temperature``;
 - ``num_samples`` (NS), ``top_k`` (k), ``shard_size``, ``seed``, ``device``;
 - ``transforms``: ``[[name, {kwargs}], ...]`` (or ``{name: {kwargs}}``) from the registry of
-  :mod:`genforge.kd.reinforce`, applied in the registry's fixed order.
+  :mod:`genforge.kd.augment`, applied in the registry's fixed order.
 
 Every key, transform and option is checked when the recipe loads; the teachers' class count
 is checked against the dataset before any image is augmented. A killed run resumes: rerunning
@@ -42,15 +42,8 @@ from genforge.config import ConfigError, DataConfig, dataclass_from_mapping, rea
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.kd.ensemble import TeacherEnsemble
-from genforge.kd.reinforce import (
-    INDEX,
-    ORDER,
-    REGISTRY,
-    RandomResizedCrop,
-    ReinforcedDataset,
-    ReinforcePipeline,
-    reinforce,
-)
+from genforge.kd.augment import ORDER, REGISTRY, RandomResizedCrop, ReinforcePipeline
+from genforge.kd.reinforce import INDEX, ReinforcedDataset, reinforce
 from genforge.kd.teachers import TeacherError, load_classifier
 
 __all__ = [

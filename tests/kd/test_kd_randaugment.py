@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from genforge.kd.reinforce import (
+from genforge.kd.augment import (
     ORDER,
     MixUp,
     RandAugment,

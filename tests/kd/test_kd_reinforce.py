@@ -10,17 +10,15 @@ from torch import nn
 from genforge.data.transforms import signed_to_uint8
 
 from genforge.kd.ensemble import TeacherEnsemble
-from genforge.kd.reinforce import (
+from genforge.kd.augment import (
     CutMix,
     HorizontalFlip,
     MixUp,
     RandomErasing,
     RandomResizedCrop,
-    ReinforcedDataset,
     ReinforcePipeline,
-    densify,
-    reinforce,
 )
+from genforge.kd.reinforce import ReinforcedDataset, densify, reinforce
 
 NS, K, C = 4, 3, 10
 
