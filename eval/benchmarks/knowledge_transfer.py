@@ -189,7 +189,7 @@ def concentration(root: Path, seeds: list[int]) -> None:
                 scales = {}
             else:
                 model = load_student(out)
-                scales = {"gamma": [round(float(g), 4) for g in model.head.scale.gamma]}
+                scales = {"gamma": [round(g, 4) for g in model.head.scale.gamma.detach().tolist()]}
             scores = vertical_scores(*predict_logits(model, test_set, batch), verticals)
             (out / VERTICAL_METRICS).write_text(json.dumps({**scores, **scales}, indent=1))
 
