@@ -56,10 +56,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from genforge.metrics import classifier_agreement, compute_fidelity, load_image_source
+    from genforge.metrics import classifier_agreement, compute_fidelity, load_real_and_fake
 
-    fake, labels = load_image_source(args.fake)
-    real, _ = load_image_source(args.real, like=fake)
+    real, fake, labels = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
                                inception_weights=args.inception_weights)
     if labels is not None and args.extractor == "digits-cnn":
@@ -96,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="FID (torch-fidelity) and classifier agreement of samples")
     evaluate.add_argument("--fake", required=True, help="samples: .npz with images[, labels] or a folder")
-    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE], .npz or folder")
+    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE[:pad|resize]], .npz or folder")
     evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "inception-v3-compat"])
     evaluate.add_argument("--inception-weights", help="local Inception weights file (no download is done)")
     evaluate.add_argument("--kid", action="store_true")
