@@ -52,4 +52,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from genforge.cli import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))
