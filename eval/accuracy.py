@@ -58,4 +58,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from genforge.cli import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

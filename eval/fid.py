@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from genforge.metrics import DIGITS_EXTRACTOR, compute_fidelity, load_image_source
+from genforge.metrics import DIGITS_EXTRACTOR, compute_fidelity, load_real_and_fake
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    fake, _ = load_image_source(args.fake)
-    real, _ = load_image_source(args.real, like=fake)
+    real, fake, _ = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
                                isc=args.isc, inception_weights=args.inception_weights,
                                batch_size=args.batch_size, feature_layer=args.feature_layer)
@@ -53,4 +52,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from genforge.cli import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

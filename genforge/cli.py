@@ -28,13 +28,10 @@ def _sample(args: argparse.Namespace) -> int:
     from genforge.data.transforms import signed_to_uint8
     from genforge.data.grid import save_class_grid
     from genforge.methods.sampling import generate, sampling_scheduler
-    from genforge.pipelines.dimr import DiMRPipeline, null_class_of
+    from genforge.pipelines import DiMRPipeline, load_saved_pipeline
+    from genforge.pipelines.dimr import null_class_of
 
-    directory = Path(args.pipeline)
-    if not (directory / "model_index.json").is_file():
-        print(f"error: {directory} is not a saved pipeline (no model_index.json)", file=sys.stderr)
-        return 2
-    pipe = DiMRPipeline.from_pretrained(directory)
+    pipe = load_saved_pipeline(args.pipeline, DiMRPipeline)
     pipe.set_progress_bar_config(disable=True)
     num_classes = null_class_of(pipe.model)
     classes = args.classes if args.classes else list(range(num_classes))
@@ -56,10 +53,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from genforge.metrics import classifier_agreement, compute_fidelity, load_image_source
+    from genforge.metrics import classifier_agreement, compute_fidelity, load_real_and_fake
 
-    fake, labels = load_image_source(args.fake)
-    real, _ = load_image_source(args.real, like=fake)
+    real, fake, labels = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
                                inception_weights=args.inception_weights)
     if labels is not None and args.extractor == "digits-cnn":
@@ -69,6 +65,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,18 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample a saved class-conditional pipeline into a grid")
     sample.add_argument("pipeline", help="directory written by save_pretrained (e.g. runs/dimr_digits/pipeline)")
     sample.add_argument("--classes", type=int, nargs="*", help="class rows (default: every class)")
-    sample.add_argument("--per-class", type=int, default=10)
-    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--per-class", type=_positive_int, default=10)
+    sample.add_argument("--steps", type=_positive_int, default=25)
     sample.add_argument("--guidance-scale", type=float, default=2.0)
     sample.add_argument("--scheduler", choices=SAMPLERS, help="override the saved sampler")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=500)
+    sample.add_argument("--batch-size", type=_positive_int, default=500)
     sample.add_argument("--out", default="samples_grid.png")
     sample.add_argument("--npz", help="also save images and labels to this .npz")
 
     evaluate = commands.add_parser("eval", help="FID (torch-fidelity) and classifier agreement of samples")
     evaluate.add_argument("--fake", required=True, help="samples: .npz with images[, labels] or a folder")
-    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE], .npz or folder")
+    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE[:pad|resize]], .npz or folder")
     evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "inception-v3-compat"])
     evaluate.add_argument("--inception-weights", help="local Inception weights file (no download is done)")
     evaluate.add_argument("--kid", action="store_true")
@@ -119,11 +122,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return reinforce_main(argv[1:])
     args = build_parser().parse_args(argv)
+    return run_script(_sample if args.command == "sample" else _eval, args)
+
+
+def run_script(main, argv) -> int:
+    """``main(argv)``'s exit status, with bad input (a missing or unreadable file, a bad value)
+    reported in one line on stderr and status 2 instead of a traceback."""
     try:
-        return _sample(args) if args.command == "sample" else _eval(args)
+        status = main(argv)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

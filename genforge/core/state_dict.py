@@ -40,7 +40,10 @@ def read_state_dict(path: str | Path, *, nesting_keys: Iterable[str] = _NESTING_
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors' own error type: one line naming the file
+            raise StateDictError(f"{path} is not a readable safetensors file: {err}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,6 +9,7 @@ its registry is explicit and registering a name twice is an error.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -19,7 +20,7 @@ from genforge.data.transforms import check_resize_mode
 
 __all__ = [
     "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "RestrictedUnpickler",
-    "build_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
+    "build_dataset", "check_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
 ]
 
 DatasetBuilder = Callable[..., Dataset]
@@ -48,11 +49,19 @@ def build_dataset(name: str, *, split: str = "train", root: str | None = None,
     Image folders have no native size: they need ``image_size`` and are always resized and
     center-cropped. ``channels=None`` keeps the dataset's own (1 for digits, 3 otherwise).
     """
+    check_dataset(name, root=root, resize=resize)
+    return _REGISTRY[name](split=split, root=root, image_size=image_size, resize=resize,
+                           channels=channels)
+
+
+def check_dataset(name: str, *, root: str | None = None, resize: str = "pad") -> None:
+    """ValueError, before any work, for an unknown dataset name, a bad ``resize`` mode or a
+    ``root`` that does not exist."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {dataset_names()}")
     check_resize_mode(resize)
-    return _REGISTRY[name](split=split, root=root, image_size=image_size, resize=resize,
-                           channels=channels)
+    if root is not None and not Path(root).exists():
+        raise ValueError(f"dataset {name!r}: root {str(root)!r} does not exist")
 
 
 def _no_root(name: str, root: str | None) -> None:

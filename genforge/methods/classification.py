@@ -208,14 +208,20 @@ class ClassifierMethod(ClassificationMethod):
                 **self.options["kwargs"]}
 
     def build_model(self) -> torch.nn.Module:
-        weights = self.options["pretrained_file"]
-        pretrained = ({"pretrained": True, "pretrained_cfg_overlay": pretrained_overlay(self.options["name"], weights)}
-                      if weights else {})
+        weights, name = self.options["pretrained_file"], self.options["name"]
         try:
-            return timm.create_model(self.options["name"], **self.create_kwargs(), **pretrained)
+            pretrained = ({"pretrained": True, "pretrained_cfg_overlay": pretrained_overlay(name, weights)}
+                          if weights else {})
+            return timm.create_model(name, **self.create_kwargs(), **pretrained)
         except TypeError as err:
             raise ConfigError(f"{self._source()}: model.kwargs {self.options['kwargs']!r} do not fit "
-                              f"timm model {self.options['name']!r}: {err}") from None
+                              f"timm model {name!r}: {err}") from None
+        except Exception as err:  # noqa: BLE001 -- a weight file that does not read or fit, in one line
+            if not weights:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigError(f"{self._source()}: model.pretrained_file {weights!r} cannot be loaded into "
+                              f"timm model {name!r}: {type(err).__name__}: {first}") from None
 
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
         """Also write ``model_config.json``: the ``timm.create_model`` arguments of the saved model."""

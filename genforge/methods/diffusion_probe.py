@@ -25,7 +25,7 @@ import torch
 from genforge.backbones.diffusion_classifier import HEADS, DiffusionClassifier, PixelProbe
 from genforge.config import ConfigError, check_known_keys
 from genforge.methods.classification import ClassificationMethod, check_label_smoothing
-from genforge.pipelines.dimr import DiMRPipeline
+from genforge.pipelines import DiMRPipeline, check_pipeline_directory, load_saved_pipeline
 from genforge.train import register_method
 
 __all__ = ["DiffusionProbeMethod"]
@@ -49,9 +49,11 @@ class DiffusionProbeMethod(ClassificationMethod):
             raise ConfigError(f"{source}: model.layer must be a module name of the diffusion network or "
                               f"{PIXELS!r}, got {layer!r}")
         pipeline = model_cfg.get("pipeline")
-        if layer != PIXELS and (pipeline is None or not (Path(str(pipeline)) / "model_index.json").is_file()):
-            raise ConfigError(f"{source}: model.pipeline {pipeline!r} is not a saved pipeline directory "
-                              "(with model_index.json)")
+        if layer != PIXELS:
+            try:
+                check_pipeline_directory(Path(str(pipeline)), DiMRPipeline)
+            except ValueError as err:
+                raise ConfigError(f"{source}: model.pipeline: {err}") from None
         t = model_cfg.get("t", MODEL_DEFAULTS["t"])
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ConfigError(f"{source}: model.t must be a non-negative int timestep, got {t!r}")
@@ -74,7 +76,11 @@ class DiffusionProbeMethod(ClassificationMethod):
         return PixelProbe(self._input_shape(), self.train_set.num_classes, head=self.options["head"], **pool)
 
     def _diffusion_classifier(self) -> DiffusionClassifier:
-        pipe, options = DiMRPipeline.from_pretrained(self.options["pipeline"]), self.options
+        try:
+            pipe = load_saved_pipeline(self.options["pipeline"], DiMRPipeline)
+        except ValueError as err:
+            raise ConfigError(f"{self._source()}: model.pipeline: {err}") from None
+        options = self.options
         try:
             model = DiffusionClassifier(pipe.model, self.train_set.num_classes, options["layer"], options["t"],
                                         head=options["head"], pool_size=options["pool_size"],

@@ -67,7 +67,8 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
     labels = torch.arange(recipe.eval.num_samples) % num_classes
     images = generate(pipe, labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
                       seed=recipe.seed + 1, batch_size=recipe.eval.batch_size, desc="sampling for metrics")
-    np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy())
+    np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy(),
+                        resize=np.array(recipe.data.resize))  # how the reference is to be sized
     metrics = score_samples(images, labels, recipe)
     (output_dir / "sample_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -20,6 +20,8 @@ from genforge.metrics.fidelity import (
     compute_fidelity,
     images_from_array,
     load_image_source,
+    load_inception_weights,
+    load_real_and_fake,
     register_digits_feature_extractor,
 )
 
@@ -28,6 +30,7 @@ register_digits_feature_extractor()
 __all__ = [
     "DIGITS_EXTRACTOR", "DigitsCNN", "FeatureExtractorDigitsCNN", "ReliabilityDiagram",
     "classifier_agreement", "compute_fidelity", "digits_test_accuracy", "expected_calibration_error",
-    "images_from_array", "load_digits_classifier", "load_image_source", "per_class_agreement",
+    "images_from_array", "load_digits_classifier", "load_image_source", "load_inception_weights",
+    "load_real_and_fake", "per_class_agreement",
     "register_digits_feature_extractor", "reliability_diagram", "train_digits_classifier",
 ]

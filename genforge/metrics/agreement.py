@@ -28,6 +28,11 @@ def _predictions(images: torch.Tensor, labels: torch.Tensor,
                  classifier: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     _check(images, labels)
     classifier = classifier if classifier is not None else load_digits_classifier()
+    num_classes = getattr(classifier, "num_classes", None)
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels span {int(labels.min())}..{int(labels.max())}, but the judge "
+                         f"knows classes 0..{num_classes - 1}: agreement with a class it cannot "
+                         f"predict would be 0 by construction")
     device = next(classifier.parameters()).device
     return predict(classifier, images.to(device)).cpu(), labels.cpu().long()
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from genforge.core.state_dict import load_state_dict_strict, read_state_dict
 from genforge.data.digits import DigitsDataset
 from genforge.data.transforms import match_channels, resize_bilinear
 
@@ -79,7 +80,7 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsCNN:
         raise FileNotFoundError(f"digits classifier weights {str(path)!r} not found; train them with "
                                 "`python -m genforge.metrics.digits_classifier --out PATH`")
     model = DigitsCNN()
-    model.load_state_dict(load_file(str(path)))
+    load_state_dict_strict(model, read_state_dict(path, strip_prefixes=()), what=f"weights file {path}")
     return model.eval().requires_grad_(False)
 
 

@@ -9,28 +9,39 @@ IS (Salimans et al. 2016, arXiv:1606.03498); genforge computes no distance itsel
   :class:`~genforge.metrics.digits_classifier.DigitsCNN`; FID/KID use its 64-d penultimate
   ``"features"``, IS its ``"logits"``. Inception features mean little on 8x8 digits.
 * :func:`compute_fidelity`: float ``[-1, 1]`` tensors in, a dict of floats out, never a
-  download. ``"inception-v3-compat"`` needs a local weights file, which torch-fidelity itself
-  opens with ``torch.load(weights_only=False)``; the file is first checked here with
-  ``torch.load(weights_only=True)`` so that loading it cannot execute code.
+  download. ``"inception-v3-compat"`` needs a local weights file. torch-fidelity's own
+  extractor opens such a file with ``torch.load(weights_only=False)``; genforge reads it once,
+  with ``weights_only=True`` (a file carrying code is refused), and hands the tensors to
+  :class:`FeatureExtractorInceptionLocal`, torch-fidelity's Inception network registered under
+  ``"genforge-inception-v3"``, which never opens the file. FID from fewer images than the
+  features have dimensions (a singular covariance: 65 for the digits CNN, 2,049 for Inception's
+  pool features) is computed with a warning saying so.
+* :func:`load_real_and_fake`: the two image sets of an evaluation, the bundled digits reference
+  prepared the way the samples' training images were (a genforge ``samples.npz`` records it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import io
+import warnings
+
 import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genforge.data.digits import DigitsDataset
 from genforge.data.transforms import match_channels, signed_to_uint8, uint8_to_signed
-from genforge.metrics.digits_classifier import load_digits_classifier
+from genforge.metrics.digits_classifier import DigitsCNN, load_digits_classifier
 
 DIGITS_EXTRACTOR = "digits-cnn"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+_LOCAL_INCEPTION = "genforge-inception-v3"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _RESULT_KEYS = {
     torch_fidelity.KEY_METRIC_FID: "fid",
@@ -75,16 +86,38 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-def register_digits_feature_extractor() -> None:
-    """Register ``"digits-cnn"`` with torch-fidelity; a no-op if this class is already there.
+class FeatureExtractorInceptionLocal(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3, given its weights as tensors already loaded safely.
 
-    Another class under the same name makes torch-fidelity's own registry raise.
+    ``inception_state`` is the state dict :func:`load_inception_weights` read with
+    ``weights_only=True``. The parent class takes weights only as a path it unpickles with
+    ``weights_only=False``, so it is handed an in-memory copy of those tensors instead.
     """
-    existing = FEATURE_EXTRACTORS_REGISTRY.get(DIGITS_EXTRACTOR)
-    ours = (FeatureExtractorDigitsCNN.__module__, FeatureExtractorDigitsCNN.__qualname__)
-    if existing is not None and (existing.__module__, existing.__qualname__) == ours:
+
+    def __init__(self, name: str, features_list: list[str], inception_state: dict | None = None,
+                 **kwargs) -> None:
+        if inception_state is None:
+            raise ValueError(f"{_LOCAL_INCEPTION!r} needs inception_state (see load_inception_weights)")
+        tensors = io.BytesIO()
+        torch.save(inception_state, tensors)
+        tensors.seek(0)
+        kwargs.pop("feature_extractor_weights_path", None)
+        super().__init__(name, features_list, feature_extractor_weights_path=tensors, **kwargs)
+
+
+def _register(name: str, cls) -> None:
+    """Register ``cls`` with torch-fidelity; a no-op if it is already there (another class
+    under the same name makes torch-fidelity's own registry raise)."""
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__):
         return
-    torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, FeatureExtractorDigitsCNN)
+    torch_fidelity.register_feature_extractor(name, cls)
+
+
+def register_digits_feature_extractor() -> None:
+    """Register ``"digits-cnn"`` (and the safe local Inception) with torch-fidelity."""
+    _register(DIGITS_EXTRACTOR, FeatureExtractorDigitsCNN)
+    _register(_LOCAL_INCEPTION, FeatureExtractorInceptionLocal)
 
 
 class Uint8Images(Dataset):
@@ -111,7 +144,8 @@ class Uint8Images(Dataset):
         return match_channels(image[None], 3)[0]  # (3, H, W) uint8
 
 
-def _check_inception_weights(path: str | None) -> str:
+def load_inception_weights(path: str | None) -> dict:
+    """The Inception state dict at ``path``, read once with ``weights_only=True``."""
     if path is None:
         raise ValueError(
             f"feature_extractor={INCEPTION_EXTRACTOR!r} needs inception_weights=<local file>: genforge "
@@ -120,10 +154,23 @@ def _check_inception_weights(path: str | None) -> str:
             "connected machine, copy it here and pass its path (CLI: --inception-weights FILE).")
     if not Path(path).is_file():
         raise FileNotFoundError(f"inception weights file {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
+    except Exception as err:  # noqa: BLE001 -- one line naming the file
+        raise ValueError(f"inception weights file {path!r} cannot be read safely "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path!r} is not a state dict of tensors")
-    return str(path)
+    return state
+
+
+def _feature_dim(feature_extractor: str, feature_layer: str | None) -> int | None:
+    """Dimension of the FID features, where known."""
+    if feature_extractor == DIGITS_EXTRACTOR:
+        return DigitsCNN.num_classes if feature_layer == "logits" else DigitsCNN.feature_dim
+    if feature_extractor == INCEPTION_EXTRACTOR and (feature_layer or "2048").isdigit():
+        return int(feature_layer or "2048")
+    return None
 
 
 def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | Dataset, *,
@@ -145,9 +192,9 @@ def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | D
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise ValueError(f"unknown feature extractor {feature_extractor!r}; "
                          f"registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-    weights = None
+    extractor_kwargs = {}
     if feature_extractor == INCEPTION_EXTRACTOR:
-        weights = _check_inception_weights(inception_weights)
+        extractor_kwargs = {"inception_state": load_inception_weights(inception_weights)}
     elif FEATURE_EXTRACTORS_REGISTRY[feature_extractor].__module__.startswith("torch_fidelity."):
         raise ValueError(f"feature extractor {feature_extractor!r} would download its weights; "
                          f"genforge supports {DIGITS_EXTRACTOR!r} and {INCEPTION_EXTRACTOR!r} "
@@ -163,10 +210,17 @@ def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | D
     n_fake, n_real = len(fake_ds), len(real_ds) if pairwise else 0
     if n_fake < 2 or (pairwise and n_real < 2):
         raise ValueError(f"need at least 2 images per set, got real={n_real}, fake={n_fake}")
+    dim = _feature_dim(feature_extractor, feature_layer)
+    if fid and dim is not None and min(n_real, n_fake) <= dim:
+        warnings.warn(f"FID from {min(n_real, n_fake)} images (real={n_real}, fake={n_fake}) of "
+                      f"{dim}-d features: the covariance is singular below {dim + 1} images, so "
+                      f"this FID is biased and not comparable to FIDs from more samples",
+                      UserWarning, stacklevel=2)
     metrics = torch_fidelity.calculate_metrics(
         input1=fake_ds, input2=real_ds,
-        fid=fid, kid=kid, isc=isc, feature_extractor=feature_extractor,
-        feature_extractor_weights_path=weights, batch_size=batch_size,
+        fid=fid, kid=kid, isc=isc,
+        feature_extractor=_LOCAL_INCEPTION if extractor_kwargs else feature_extractor,
+        **extractor_kwargs, batch_size=batch_size,
         feature_layer_fid=feature_layer, feature_layer_kid=feature_layer,
         kid_subset_size=min(1000, n_real or n_fake, n_fake), isc_splits=min(10, n_fake),
         cuda=torch.cuda.is_available(), cache=False, save_cpu_ram=True, verbose=False,
@@ -195,12 +249,15 @@ def images_from_array(array: np.ndarray) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
-def load_image_source(spec: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_image_source(spec: str, like: torch.Tensor | None = None,
+                      resize: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (float [-1, 1], (N, C, H, W)) and labels (or None) named by a CLI ``spec``.
 
     * ``digits:SPLIT[:SIZE[:MODE]]`` - the bundled digits; SIZE defaults to the size of
-      ``like`` (else 16), MODE to ``pad``;
-    * ``FILE.npz`` - array ``images`` (see :func:`images_from_array`) and optional ``labels``;
+      ``like`` (else 16), MODE (``pad`` or ``resize``) to ``resize``, else to ``pad`` at the
+      native 8x8; at another size without a MODE the reference is ambiguous: an error;
+    * ``FILE.npz`` - array ``images`` (see :func:`images_from_array`) and optional ``labels``
+      (and ``resize``, read by :func:`load_real_and_fake`);
     * a folder - every image file in it (recursively), all of one size; no labels.
     """
     if spec.startswith("digits:"):
@@ -208,7 +265,13 @@ def load_image_source(spec: str, like: torch.Tensor | None = None) -> tuple[torc
         if len(parts) > 4:
             raise ValueError(f"bad digits spec {spec!r}; expected digits:SPLIT[:SIZE[:MODE]]")
         size = int(parts[2]) if len(parts) > 2 else (like.shape[-1] if like is not None else 16)
-        data = DigitsDataset(parts[1], image_size=size, resize=parts[3] if len(parts) > 3 else "pad")
+        mode = parts[3] if len(parts) > 3 else (resize or ("pad" if size == 8 else None))
+        if mode is None:  # the 8x8 digits grow to SIZE by padding or by resizing: two references
+            raise ValueError(
+                f"reference {spec!r} at {size}x{size}: the digits are 8x8, so say how the samples' "
+                f"training images were made, digits:{parts[1]}:{size}:pad or "
+                f"digits:{parts[1]}:{size}:resize (a genforge samples.npz records it)")
+        data = DigitsDataset(parts[1], image_size=size, resize=mode)
         return data.images, data.labels
     path = Path(spec)
     if path.suffix == ".npz":
@@ -232,3 +295,19 @@ def load_image_source(spec: str, like: torch.Tensor | None = None) -> tuple[torc
         grey = bool((images == images[:, :1]).all())
         return (images[:, :1] if grey else images), None
     raise FileNotFoundError(f"image source {spec!r} is not digits:SPLIT, an existing .npz file or a folder")
+
+
+def recorded_resize(spec: str) -> str | None:
+    """How a genforge ``samples.npz`` says its model's training images were sized, or None."""
+    if Path(spec).suffix != ".npz" or not Path(spec).is_file():
+        return None
+    with np.load(spec, allow_pickle=False) as npz:
+        return str(npz["resize"]) if "resize" in npz else None
+
+
+def load_real_and_fake(real_spec: str, fake_spec: str):
+    """``(real, fake, fake_labels)``: the samples, and the reference prepared as their training
+    images were (same size; for the digits, the ``resize`` mode their samples.npz records)."""
+    fake, labels = load_image_source(fake_spec)
+    real, _ = load_image_source(real_spec, like=fake, resize=recorded_resize(fake_spec))
+    return real, fake, labels

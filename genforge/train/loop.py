@@ -30,7 +30,8 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast, send_to_d
 from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
-from genforge.config import Recipe, save_recipe
+from genforge.config import ConfigError, Recipe, save_recipe
+from genforge.data import check_dataset
 from genforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                        resume_latest, save_checkpoint)
 from genforge.train.ema import EMA
@@ -208,6 +209,10 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     method = method if method is not None else get_method(recipe.method)(recipe)
     method.validate_model_config(recipe.model)
+    try:
+        check_dataset(recipe.data.name, root=recipe.data.root, resize=recipe.data.resize)
+    except ValueError as err:
+        raise ConfigError(f"recipe for method {recipe.method!r}: data: {err}") from None
     tc, out = recipe.train, Path(recipe.output_dir)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=method.find_unused_parameters)
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's processes on a CPU machine

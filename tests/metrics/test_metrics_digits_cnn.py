@@ -80,6 +80,11 @@ def test_agreement_rejects_mismatched_labels(test_set):
         classifier_agreement(test_set.images[:4], test_set.labels[:3])
 
 
+def test_labels_the_judge_cannot_predict_are_an_error_not_agreement_zero(test_set):
+    with pytest.raises(ValueError, match=r"labels span 0\.\.10, but the judge knows classes 0\.\.9"):
+        classifier_agreement(test_set.images[:4], torch.tensor([0, 3, 10, 2]))
+
+
 def test_random_shift_moves_digits_by_at_most_one_pixel_and_keeps_their_ink():
     images = DigitsDataset("test", image_size=16).images[:64]
     shifted = random_shift(images, torch.Generator().manual_seed(0))

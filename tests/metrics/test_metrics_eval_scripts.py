@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genforge.data import DigitsDataset
@@ -78,3 +79,19 @@ def test_digits_source_follows_the_fake_size_unless_given():
     assert images.shape == (1437, 1, 16, 16) and labels.shape == (1437,)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_image_source("missing.npz")
+
+
+def test_a_32px_digits_reference_must_say_pad_or_resize_and_follows_what_the_samples_record(tmp_path):
+    from genforge.metrics import load_real_and_fake
+
+    resized = DigitsDataset("test", image_size=32, resize="resize")
+    fakes = tmp_path / "resized.npz"
+    np.savez(fakes, images=signed_to_uint8(resized.images).numpy(), labels=resized.labels.numpy())
+    with pytest.raises(ValueError, match="digits:train:32:pad or digits:train:32:resize"):
+        load_real_and_fake("digits:train", str(fakes))  # padded would give FID ~1,400
+    np.savez(fakes, images=signed_to_uint8(resized.images).numpy(), labels=resized.labels.numpy(),
+             resize=np.array("resize"))
+    real, fake, labels = load_real_and_fake("digits:test", str(fakes))
+    assert torch.equal(signed_to_uint8(real), signed_to_uint8(fake)) and labels is not None
+    explicit, _ = load_image_source("digits:test:32:pad", like=fake, resize="resize")
+    assert not torch.equal(explicit, real)  # an explicit MODE wins over the record

@@ -1,6 +1,7 @@
 """FID/KID/IS through torch-fidelity with the registered "digits-cnn" feature extractor."""
 
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,15 @@ def test_registration_is_idempotent_but_a_different_class_under_the_name_is_refu
 
     with pytest.raises(ValueError, match="already registered"):
         torch_fidelity.register_feature_extractor("digits-cnn", Impostor)
+
+
+def test_fid_from_fewer_images_than_feature_dimensions_comes_with_a_warning(digits):
+    _, test = digits
+    with pytest.warns(UserWarning, match="FID from 2 images .* singular below 65 images"):
+        compute_fidelity(test[:2], test[2:4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_fidelity(test[:65], test[65:130])  # enough images: no warning
 
 
 def test_fid_of_a_set_against_itself_is_zero(digits):

@@ -7,7 +7,6 @@ path (``feature_extractor_weights_path``) is the same as for the default ``"2048
 """
 
 import os
-import pickle
 import socket
 
 import pytest
@@ -89,9 +88,23 @@ def test_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loads
     path = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(str(marker))}, path)
     a, b = images
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="evil.pth.*cannot be read safely"):
         compute_fidelity(a, b, feature_extractor=NAME, inception_weights=str(path))
     assert not marker.exists()
+
+
+def test_the_weights_file_is_opened_once_and_only_with_weights_only(weights_file, images, monkeypatch):
+    opened, real_load = [], torch.load
+
+    def spy(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and str(f) == weights_file:
+            opened.append(kwargs.get("weights_only"))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    a, b = images
+    compute_fidelity(a, b, feature_extractor=NAME, inception_weights=weights_file, feature_layer="64")
+    assert opened == [True]  # torch-fidelity got the tensors, not the file
 
 
 def test_missing_inception_weights_file_is_named(tmp_path, images):
