@@ -32,7 +32,9 @@ What the code implements, in the order of the paper's method section:
 As in the official code, the position biases, padding masks and pooled sizes are fixed at
 construction by ``img_size`` (``pretrain_size`` rescales the relative coordinates when a
 model trained at one size is built for another); an input of another size is refused with a
-clear error. Official checkpoints convert by renames only (``checkpoint_filter_fn``).
+clear error. LayerNorm eps: 1e-6 in the blocks and stage norms, torch's default 1e-5 in the
+patch embeddings and the pooled branch, as in the official model. Official checkpoints convert
+by renames only (``checkpoint_filter_fn``).
 """
 
 from __future__ import annotations
@@ -274,12 +276,16 @@ class Block(nn.Module):
 
 
 class OverlapPatchEmbed(nn.Module):
-    """Overlapping strided conv then LN: (B, C_in, H, W) -> tokens (B, H/s * W/s, C) and (H/s, W/s)."""
+    """Overlapping strided conv then LN: (B, C_in, H, W) -> tokens (B, H/s * W/s, C) and (H/s, W/s).
 
-    def __init__(self, in_chs: int, dim: int, kernel: int, stride: int, norm_eps: float = 1e-6):
+    The LN has torch's default eps 1e-5, as the official ``OverlapPatchEmbed`` (the blocks'
+    and stage norms use the model's ``norm_eps``, 1e-6).
+    """
+
+    def __init__(self, in_chs: int, dim: int, kernel: int, stride: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chs, dim, kernel, stride, padding=kernel // 2)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(x)
@@ -307,7 +313,7 @@ class TransNeXtStage(nn.Module):
         self.register_buffer("relative_pos_index", rel_index, persistent=False)
         self.register_buffer("relative_coords_table", rel_table, persistent=False)
 
-        self.patch_embed = OverlapPatchEmbed(in_chs, dim, kernel, stride, norm_eps)
+        self.patch_embed = OverlapPatchEmbed(in_chs, dim, kernel, stride)
         self.blocks = nn.ModuleList([
             Block(dim, num_heads, self.grid, window_size, mlp_ratio, qkv_bias, proj_drop, attn_drop,
                   drop_path[i], norm_eps, sr_ratio, fixed_pool_size) for i in range(depth)])
