@@ -31,7 +31,6 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, SelectAdaptivePool2d, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs
@@ -92,7 +91,7 @@ class RetNetRelPos2d(nn.Module):
     def rotary(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """sin and cos of every token's rotation angles, (H, W, d); the position is the raster index."""
         index = torch.arange(height * width).to(self.decay)
-        theta = rearrange(index[:, None] * self.angle[None, :], "(y x) d -> y x d", y=height)
+        theta = (index[:, None] * self.angle[None, :]).reshape(height, width, -1)
         return torch.sin(theta), torch.cos(theta)
 
     def decay_1d(self, length: int) -> torch.Tensor:
@@ -107,10 +106,13 @@ class RetNetRelPos2d(nn.Module):
         manhattan = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
         return manhattan * self.decay[:, None, None]
 
-    def forward(self, height: int, width: int, decomposed: bool):
-        """((sin, cos), decay): decay is (mask along H, mask along W) if decomposed, else the 2-D mask."""
-        decay = (self.decay_1d(height), self.decay_1d(width)) if decomposed else self.decay_2d(height, width)
-        return self.rotary(height, width), decay
+    def forward(self, height: int, width: int,
+                decomposed: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(sin, cos, decay): decay is [mask along H, mask along W] if decomposed, else [the 2-D mask]."""
+        sin, cos = self.rotary(height, width)
+        if decomposed:
+            return sin, cos, [self.decay_1d(height), self.decay_1d(width)]
+        return sin, cos, [self.decay_2d(height, width)]
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -127,23 +129,27 @@ class ManhattanSelfAttention(nn.Module):
         self.lepe = DWConv2d(dim, 5)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
-        (sin, cos), decay = rel_pos
-        v = self.v_proj(x)  # (B, H, W, C)
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, n d) -> (B, n, H, W, d)."""
+        B, H, W, _ = t.shape
+        return t.reshape(B, H, W, self.num_heads, -1).permute(0, 3, 1, 2, 4)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: list[torch.Tensor]) -> torch.Tensor:
+        """x (B, H, W, C); ``decay`` as :meth:`RetNetRelPos2d.forward` returns it."""
+        B, H, W, C = x.shape
+        v = self.v_proj(x)
         lepe = self.lepe(v)
-        q, k, v = (rearrange(t, "b y x (n d) -> b n y x d", n=self.num_heads)
-                   for t in (self.q_proj(x), self.k_proj(x) * self.scaling, v))
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x) * self.scaling), self._heads(v)
         q, k = theta_shift(q, sin, cos), theta_shift(k, sin, cos)
         if self.decomposed:
-            decay_h, decay_w = decay
-            v = decayed_attention(q, k, v, decay_w[:, None])  # along W: rows (B, n, H, W, d)
-            q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, n, W, H, d)
-            out = decayed_attention(q, k, v, decay_h[:, None]).transpose(2, 3)  # along H: columns
+            v = decayed_attention(q, k, v, decay[1][:, None])  # along W: rows (B, n, H, W, d)
+            q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)  # (B, n, W, H, d)
+            out = decayed_attention(q, k, v, decay[0][:, None]).transpose(2, 3)  # along H: columns
         else:
-            height = x.shape[1]
-            q, k, v = (rearrange(t, "b n y x d -> b n (y x) d") for t in (q, k, v))
-            out = rearrange(decayed_attention(q, k, v, decay), "b n (y x) d -> b n y x d", y=height)
-        out = rearrange(out, "b n y x d -> b y x (n d)") + lepe
+            out = decayed_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), decay[0])  # (B, n, HW, d)
+            out = out.reshape(B, self.num_heads, H, W, -1)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C) + lepe
         return self.out_proj(out)
 
 
@@ -181,9 +187,10 @@ class RetBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: list[torch.Tensor]) -> torch.Tensor:
         x = x + self.pos(x)
-        y = self.retention(self.retention_layer_norm(x), rel_pos)
+        y = self.retention(self.retention_layer_norm(x), sin, cos, decay)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.ffn(self.final_layer_norm(x))
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
@@ -233,12 +240,12 @@ class RMTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        rel_pos = self.relpos(x.shape[1], x.shape[2], self.decomposed)
+        sin, cos, decay = self.relpos(x.shape[1], x.shape[2], self.decomposed)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, rel_pos)
+                x = checkpoint(blk, x, sin, cos, decay)
             else:
-                x = blk(x, rel_pos)
+                x = blk(x, sin, cos, decay)
         return x.permute(0, 3, 1, 2)
 
 
@@ -275,7 +282,9 @@ class RMTHead(nn.Module):
         x = self.drop(self.global_pool(self.act(self.norm(x))))
         if pre_logits:
             return x
-        return self.fc(x) if x.ndim == 2 else self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.global_pool.is_identity():  # unpooled (B, hidden, H, W): the classifier at every position
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x)
 
 
 class RMT(StagedBackbone):

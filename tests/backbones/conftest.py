@@ -2,7 +2,12 @@
 checks the family tests share.
 
 ``check_timm_contract(name, img_size=..)`` is what a family's test calls for its tiny
-configuration; each assertion is one clause of the contract in specs/backbones.md.
+configuration; each assertion is one clause of the contract in specs/backbones.md, plus what
+timm's own model tests (tests/test_models.py of pytorch-image-models) ask of every timm model:
+a model that only runs at its build size says ``fixed_input_size`` in its pretrained config
+(and one that says so refuses another size), an FX trace through timm's feature-extraction
+helpers computes the eager outputs and gradients, and ``torch.jit.script`` gives the eager
+outputs.
 
 The test directories are not packages and each has its own ``conftest``, so the shared checks
 reach the tests as fixtures that return the function: ``timm_contract``, ``loss_falls``,
@@ -18,6 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.layers import create_feature_extractor, get_graph_node_names
 from timm.models import group_parameters
 
 import genforge  # noqa: F401  (registers the gf_ models)
@@ -29,6 +35,22 @@ def _pooled_width(model) -> int:
     return getattr(model, "head_hidden_size", None) or model.num_features
 
 
+def _fx_traced(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` traced by torch.fx through timm's helpers (its notrace modules and functions as
+    leaves), returning the final output under the key ``'out'``."""
+    _, eval_nodes = get_graph_node_names(model)
+    return create_feature_extractor(model, return_nodes={eval_nodes[-1]: "out"})
+
+
+def _runs_at(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(x)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def assert_timm_contract(name: str, *, img_size: int, in_chans: int = 3, tmp_path=None,
                          atol: float = 1e-5, unused_params: tuple[str, ...] = ()) -> None:
     assert name.startswith("gf_") and name in timm.list_models("gf_*")
@@ -38,6 +60,11 @@ def assert_timm_contract(name: str, *, img_size: int, in_chans: int = 3, tmp_pat
 
     cfg = model.pretrained_cfg
     assert len(cfg["input_size"]) == 3 and len(cfg["mean"]) == len(cfg["std"]) == 3
+    # timm's tests run a model at other sizes unless its config says the size is fixed
+    fixed, runs = bool(cfg.get("fixed_input_size", False)), _runs_at(model, torch.randn(1, in_chans, 2 * img_size,
+                                                                                     2 * img_size))
+    assert runs != fixed, f"pretrained_cfg says fixed_input_size={fixed}, but a {2 * img_size}px input " + (
+        "runs" if runs else "is refused")
 
     with torch.no_grad():
         logits = model(x)
@@ -54,6 +81,13 @@ def assert_timm_contract(name: str, *, img_size: int, in_chans: int = 3, tmp_pat
             assert feat.shape[1] == info["num_chs"], info
             assert img_size // feat.shape[-1] == info["reduction"], info
         torch.testing.assert_close(final, feats, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(_fx_traced(model)(x)["out"], logits, rtol=0, atol=0, msg="FX trace differs")
+
+    with timm.set_scriptable(True):
+        scriptable = timm.create_model(name, num_classes=10, in_chans=in_chans).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(scriptable)(x), scriptable(x), atol=atol, rtol=1e-4,
+                                   msg="TorchScript differs")
 
     fmodel = timm.create_model(name, features_only=True, out_indices=(1, 3) if len(model.feature_info) > 3
                                else (0, len(model.feature_info) - 1), in_chans=in_chans).eval()
@@ -89,6 +123,14 @@ def assert_timm_contract(name: str, *, img_size: int, in_chans: int = 3, tmp_pat
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=f"grad checkpointing changed {n}")
+    model.set_grad_checkpointing(False)
+    traced = _fx_traced(model).train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    traced(x)["out"].logsumexp(-1).sum().backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=f"the FX trace changed grad {n}")
 
     if tmp_path is not None:
         source = timm.create_model(name, in_chans=in_chans).eval()

@@ -19,13 +19,13 @@ from genforge.backbones.moat import MBConvBlock, MoatBlock, RelativePositionBias
 def test_moat_block_is_mbconv_then_attention_with_no_mlp_after_it(randomise_running_stats):
     torch.manual_seed(0)
     block = randomise_running_stats(MoatBlock(16, 16, stride=1, head_size=8, pos_embed_size=4))
-    assert {name for name, _ in block.named_children()} == {"mbconv", "attn_norm", "attn", "rel_pos", "drop_path"}
+    assert {name for name, _ in block.named_children()} == {"mbconv", "norm", "attn", "rel_pos", "drop_path"}
     assert isinstance(block.mbconv.se, nn.Identity), "the MBConv inside a MOAT block has no SE"
     x = torch.randn(2, 16, 4, 4)
     with torch.no_grad():
         m = block.mbconv(x)
         tokens = m.flatten(2).transpose(1, 2)                           # (B, HW, C)
-        attn = block.attn(block.attn_norm(tokens), mask=block.rel_pos(4, 4)[None])
+        attn = block.attn(block.norm(tokens), attn_mask=block.rel_pos(4, 4)[None])
         expected = (tokens + attn).transpose(1, 2).reshape_as(m)
         torch.testing.assert_close(block(x), expected)
 
@@ -85,7 +85,7 @@ def test_attention_equals_a_naive_softmax_with_relative_position_bias():
         q, k, v = block.attn.qkv(x).reshape(2, h * w, 3, heads, d).permute(2, 0, 3, 1, 4)
         weights = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + bias, dim=-1)
         expected = block.attn.proj((weights @ v).transpose(1, 2).reshape(2, h * w, 16))
-        got = block.attn(x, mask=block.rel_pos(h, w)[None])
+        got = block.attn(x, attn_mask=block.rel_pos(h, w)[None])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 

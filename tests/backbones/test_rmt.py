@@ -97,7 +97,7 @@ def test_full_masa_equals_a_naive_2d_decay_reference():
             out[n, h] = (q[h, n] @ k[h].t() + log_gamma[h] * dist).softmax(0) @ v[h]
     expected = attn.out_proj(out.reshape(H, W, C) + lce)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, relpos(H, W, decomposed=False))[0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attn(x, *relpos(H, W, decomposed=False))[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_decomposed_masa_equals_naive_1d_decay_attention_along_w_then_h():
@@ -118,7 +118,7 @@ def test_decomposed_masa_equals_naive_1d_decay_attention_along_w_then_h():
                 out[h, y * W + c] = logits.softmax(0) @ along_w[h, col]
     expected = attn.out_proj(out.transpose(0, 1).reshape(H, W, C) + lce)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, relpos(H, W, decomposed=True))[0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attn(x, *relpos(H, W, decomposed=True))[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_rotary_embedding_preserves_norms_and_sees_only_offsets():
@@ -148,10 +148,10 @@ def test_block_adds_position_conv_then_scaled_masa_then_scaled_ffn_with_inner_dw
                         ).permute(0, 2, 3, 1)
     with torch.no_grad():
         x1 = x + dwconv(block.pos.conv, x)
-        x2 = x1 + block.gamma_1 * block.retention(block.retention_layer_norm(x1), rel_pos)
+        x2 = x1 + block.gamma_1 * block.retention(block.retention_layer_norm(x1), *rel_pos)
         hidden = F.gelu(block.ffn.fc1(block.final_layer_norm(x2)))
         x3 = x2 + block.gamma_2 * block.ffn.fc2(hidden + dwconv(block.ffn.dwconv.conv, hidden))
-        torch.testing.assert_close(block(x, rel_pos), x3)
+        torch.testing.assert_close(block(x, *rel_pos), x3)
 
 
 def test_nano_honours_the_timm_contract(timm_contract):
