@@ -18,15 +18,23 @@ What the code implements (the paper's method section, in its order):
   ``x += FFN(LN(x))`` with ``FFN(x) = fc2(h + DWConv3x3(h)), h = GELU(fc1(x))``; optional layer scale.
 * Stem: four 3x3 convs with BN (two of stride 2); between stages a 3x3 stride-2 conv + BN.
 * Head: per-position ``Linear(C -> 1024)``, BN, Swish, global average pool, classifier.
+* Token labelling (the official ``classification_token_label_release``, checkpoints RMT-S*/B*/L*):
+  ``token_label=True`` adds the official ``aux_head``, a linear classifier of every last-stage token,
+  and the logits become the official inference output ``head(x) + 0.5 * max_n aux_head(token_n)``.
+  Only that inference form is implemented: the official training forward (MixToken, and returning
+  the per-token logits for dense token-label targets) is not, so in train mode the model returns
+  the same combined logits.
 
 The layout differs from the official one only in where the downsampling conv lives (at the start of the
 next stage, so ``stages.i`` outputs stage i's features, as timm's feature extraction expects);
-``checkpoint_filter_fn`` converts official checkpoints by renames.
+``checkpoint_filter_fn`` converts official checkpoints by renames. A token-labelled checkpoint loaded
+into a model built without ``token_label`` loses its ``aux_head``, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -260,31 +268,40 @@ class RMTHead(nn.Module):
     """Per-position ``Linear -> BN -> Swish``, then pool, dropout and the classifier.
 
     With ``pool_type=''`` nothing is pooled and the classifier is applied at every position.
+    ``token_label=True`` adds ``aux_fc`` (the official token-labelled models' ``aux_head``) on the
+    input tokens, and ``0.5 * max_n aux_fc(token_n)`` to the logits (at every position if unpooled).
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, pool_type: str = "avg",
-                 drop_rate: float = 0.):
+                 drop_rate: float = 0., token_label: bool = False):
         super().__init__()
+        self.token_label = token_label
         self.proj = nn.Linear(in_features, hidden)
         self.norm = nn.BatchNorm2d(hidden)
         self.act = nn.SiLU()
         self.global_pool = _head_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_fc = nn.Linear(in_features, num_classes) if token_label and num_classes > 0 else None
 
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
         if pool_type is not None:
             self.global_pool = _head_pool(pool_type)
         self.fc = nn.Linear(self.proj.out_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_fc = (nn.Linear(self.proj.in_features, num_classes) if self.token_label and num_classes > 0
+                       else None)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        aux = None if self.aux_fc is None else 0.5 * self.aux_fc(x.flatten(2).transpose(1, 2)).amax(1)  # (B, K)
         x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, H, W)
         x = self.drop(self.global_pool(self.act(self.norm(x))))
         if pre_logits:
             return x
         if self.global_pool.is_identity():  # unpooled (B, hidden, H, W): the classifier at every position
-            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.fc(x)
+            logits = self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return logits if aux is None else logits + aux[:, :, None, None]
+        logits = self.fc(x)
+        return logits if aux is None else logits + aux
 
 
 class RMT(StagedBackbone):
@@ -297,7 +314,7 @@ class RMT(StagedBackbone):
                  decomposed: tuple[bool, ...] = (True, True, False, False),
                  layerscales: tuple[bool, ...] = (False, False, False, False), layer_init_value: float = 1e-6,
                  projection: int = 1024, drop_rate: float = 0., proj_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.):
+                 drop_path_rate: float = 0., token_label: bool = False):
         super().__init__()
         per_stage = (embed_dims, num_heads, init_values, heads_ranges, mlp_ratios, decomposed, layerscales)
         if any(len(v) != len(depths) for v in per_stage):
@@ -316,7 +333,7 @@ class RMT(StagedBackbone):
         self.stages = nn.Sequential(*stages)
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
-        self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate)
+        self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate, token_label)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -352,15 +369,28 @@ def _official_rename(key: str) -> str:
         return f"stages.{int(m[1]) + 1}.downsample.{m[2]}"
     key = re.sub(r"^layers\.(\d+)\.Relpos\.", r"stages.\1.relpos.", key)
     key = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
-    return re.sub(r"^(proj|norm|head)\.", lambda m: "head.fc." if m[1] == "head" else f"head.{m[1]}.", key)
+    heads = {"head": "head.fc.", "aux_head": "head.aux_fc."}
+    return re.sub(r"^(proj|norm|head|aux_head)\.", lambda m: heads.get(m[1], f"head.{m[1]}."), key)
 
 
 @register_official_converter("gf_rmt")
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Official ``VisRetNet`` keys -> ours: ``layers.i`` -> ``stages.i`` (its downsample -> ``stages.{i+1}``),
-    ``Relpos`` -> ``relpos``, and ``proj``/``norm``/``head`` -> ``head.proj``/``head.norm``/``head.fc``."""
+    ``Relpos`` -> ``relpos``, and ``proj``/``norm``/``head``/``aux_head`` -> ``head.proj``/``head.norm``/
+    ``head.fc``/``head.aux_fc``.
+
+    The ``aux_head`` of a token-labelled checkpoint is dropped, with a warning, when ``model`` has no
+    ``head.aux_fc`` (built without ``token_label=True``): the official model adds
+    ``0.5 * max_n aux_head(token_n)`` to its logits, so the predictions then differ from the official ones.
+    """
     if any(k.startswith("stages.") for k in state_dict):
         return state_dict
+    aux_keys = [k for k in state_dict if k.startswith("aux_head.")]
+    if aux_keys and getattr(model.head, "aux_fc", None) is None:
+        warnings.warn(f"dropping {aux_keys} of a token-labelled RMT checkpoint: this model was built without "
+                      f"token_label=True, so its logits lack the official 0.5 * max_n aux_head(token_n) term; "
+                      f"build it with token_label=True to keep it", stacklevel=2)
+        state_dict = {k: v for k, v in state_dict.items() if k not in aux_keys}
     return {_official_rename(k): v for k, v in state_dict.items()}
 
 

@@ -185,3 +185,38 @@ def test_a_missing_or_extra_official_key_is_named_in_the_error(official_key_erro
     official_key_errors_named("gf_rmt_t", _official_meta_state(), missing="layers.1.downsample.reduction.weight",
                               extra="layers.2.blocks.0.retention.extra",
                               named=("stages.2.downsample.reduction.weight", "stages.2.blocks.0.retention.extra"))
+
+
+def _official_token_label_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """An official-layout RMT-T state dict with random values plus the ``aux_head`` of the token-labelled
+    models (``classification_token_label_release/RMT.py``), saved as official training saves it."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in OFFICIAL["keys"].items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros(shape, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.1
+    state["aux_head.weight"] = torch.randn(1000, 512, generator=g) * 0.1
+    state["aux_head.bias"] = torch.randn(1000, generator=g) * 0.1
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_token_labelled_checkpoint_keeps_its_aux_head_in_the_official_inference_logits(tmp_path):
+    state = _official_token_label_checkpoint(tmp_path / "rmt_token_label.pth")
+    model = load_official("gf_rmt_t", tmp_path / "rmt_token_label.pth", token_label=True).eval()
+    torch.testing.assert_close(model.head.aux_fc.weight, state["aux_head.weight"], rtol=0, atol=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (B, 512, 2, 2): the last stage, which official aux_head reads
+        cls = model.head.fc(model.forward_head(tokens, pre_logits=True))
+        aux = tokens.flatten(2).transpose(1, 2) @ state["aux_head.weight"].t() + state["aux_head.bias"]  # (B, 4, K)
+        torch.testing.assert_close(model(x), cls + 0.5 * aux.amax(1))  # official: x_cls + 0.5 * x_aux.max(1)[0]
+
+        with pytest.warns(UserWarning, match=r"aux_head.*token_label=True"):
+            plain = load_official("gf_rmt_t", tmp_path / "rmt_token_label.pth").eval()
+        assert plain.head.aux_fc is None
+        torch.testing.assert_close(plain(x), cls)
