@@ -102,8 +102,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_moat_nano", img_size=64)
 
 
-def test_a_few_training_steps_lower_the_loss(loss_falls):
-    loss_falls("gf_moat_nano", img_size=64, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
+def test_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_moat_nano", img_size=64, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # deeplab2 g3doc/projects/moat_imagenet_pretrained_checkpoints.md (models with position embedding)
@@ -117,10 +117,7 @@ def test_paper_parameter_counts(meta_param_count, name):
     assert abs(count - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, count
 
 
-def test_paper_configs_keep_tf_bn_momentum_and_the_nano_reaches_its_batch_statistics_in_a_short_run():
-    with torch.device("meta"):
-        paper = timm.create_model("gf_moat_0")
-    assert {m.momentum for m in paper.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+def test_nano_running_statistics_reach_its_batch_statistics_in_a_short_run():
     torch.manual_seed(0)
     model = timm.create_model("gf_moat_nano", num_classes=3, in_chans=1).train()
     x = torch.randn(16, 1, 32, 32)

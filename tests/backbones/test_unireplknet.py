@@ -122,8 +122,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_unireplknet_nano", img_size=32)
 
 
-def test_a_few_training_steps_lower_the_loss(loss_falls):
-    loss_falls("gf_unireplknet_nano", img_size=32, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
+def test_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_unireplknet_nano", img_size=32, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # Official README (AILab-CVC/UniRepLKNet) ImageNet-1k table; these are counts of the fused
