@@ -29,15 +29,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model, register_official_converter
 from genforge.backbones.staged import StagedBackbone, convnext_layout_key
 
-__all__ = ["GlobalLocalFilter", "GnConv", "HorNet", "HorNetBlock", "gnconv_widths"]
+__all__ = ["GlobalLocalFilter", "GnConv", "HorNet", "HorNetBlock", "global_filter", "gnconv_widths"]
 
 
 def gnconv_widths(dim: int, order: int) -> list[int]:
@@ -70,20 +69,24 @@ class GlobalLocalFilter(nn.Module):
         x = self.pre_norm(x)
         local, glob = x.chunk(2, dim=1)  # (B, C/2, H, W) each
         local = self.dw(local)
-
-        height, width = glob.shape[-2:]
-        # the FFT runs in float32: half-precision rfft2 only takes power-of-two sizes
-        spec = torch.fft.rfft2(glob.float(), dim=(2, 3), norm='ortho')  # (B, C/2, H, W // 2 + 1) complex
-        weight = self.complex_weight
-        if weight.shape[1:3] != spec.shape[2:4]:
-            weight = F.interpolate(weight.permute(3, 0, 1, 2), size=spec.shape[2:4], mode='bilinear',
-                                   align_corners=True).permute(1, 2, 3, 0)
-        spec = spec * torch.view_as_complex(weight.float().contiguous())
-        glob = torch.fft.irfft2(spec, s=(height, width), dim=(2, 3), norm='ortho').to(local.dtype)
-
+        glob = global_filter(glob, self.complex_weight).to(local.dtype)
         # interleave the halves channel by channel: (local_0, global_0, local_1, global_1, ...)
-        x = rearrange(torch.stack((local, glob), dim=2), 'b c two h w -> b (c two) h w')
-        return self.post_norm(x)
+        return self.post_norm(torch.stack((local, glob), dim=2).flatten(1, 2))
+
+
+@register_notrace_function  # reason: the filter is resized when the map size (a Proxy under FX) differs
+def global_filter(x: torch.Tensor, complex_weight: torch.Tensor) -> torch.Tensor:
+    """GFNet's global filter: ``irfft2(rfft2(x) * W)`` with W the (C, h, w, 2) real/imaginary filter,
+    bilinearly resized to the map's rfft2 size where that differs; computed in float32."""
+    height, width = x.shape[-2:]
+    # the FFT runs in float32: half-precision rfft2 only takes power-of-two sizes
+    spec = torch.fft.rfft2(x.float(), dim=(2, 3), norm='ortho')  # (B, C, H, W // 2 + 1) complex
+    weight = complex_weight
+    if weight.shape[1:3] != spec.shape[2:4]:
+        weight = F.interpolate(weight.permute(3, 0, 1, 2), size=spec.shape[2:4], mode='bilinear',
+                               align_corners=True).permute(1, 2, 3, 0)
+    spec = spec * torch.view_as_complex(weight.float().contiguous())
+    return torch.fft.irfft2(spec, s=(height, width), dim=(2, 3), norm='ortho')
 
 
 class GnConv(nn.Module):
@@ -107,8 +110,8 @@ class GnConv(nn.Module):
         p, q = self.proj_in(x).split((self.dims[0], sum(self.dims)), dim=1)  # (B, C_0, H, W), (B, sum C_k, H, W)
         gates = (self.dwconv(q) * self.scale).split(self.dims, dim=1)  # f_k(q_k), (B, C_k, H, W)
         p = p * gates[0]
-        for pw, gate in zip(self.pws, gates[1:]):
-            p = pw(p) * gate  # p_(k+1) = g_k(p_k) * f_k(q_k)
+        for k, pw in enumerate(self.pws):
+            p = pw(p) * gates[k + 1]  # p_(k+1) = g_k(p_k) * f_k(q_k)
         return self.proj_out(p)
 
 

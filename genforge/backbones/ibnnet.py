@@ -52,8 +52,9 @@ class _PostAddIN(nn.Module):
         super().__init__(*args, **kwargs)
         self.IN: nn.Module | None = None
 
-    def _close(self, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
-        """``act(IN(drop_path(se(x)) + shortcut))``, each of SE, drop path and IN where present."""
+    def _close(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``IN(drop_path(se(x)) + shortcut)``, each of SE, drop path and IN where present (the block's
+        last activation follows)."""
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
@@ -61,7 +62,7 @@ class _PostAddIN(nn.Module):
         x = x + shortcut
         if self.IN is not None:
             x = self.IN(x)
-        return act(x)
+        return x
 
 
 class IBNBasicBlock(_PostAddIN, BasicBlock):
@@ -70,7 +71,7 @@ class IBNBasicBlock(_PostAddIN, BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        return self._close(self.bn2(self.conv2(x)), shortcut, self.act2)
+        return self.act2(self._close(self.bn2(self.conv2(x)), shortcut))
 
 
 class IBNBottleneck(_PostAddIN, Bottleneck):
@@ -80,7 +81,7 @@ class IBNBottleneck(_PostAddIN, Bottleneck):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        return self._close(self.bn3(self.conv3(x)), shortcut, self.act3)
+        return self.act3(self._close(self.bn3(self.conv3(x)), shortcut))
 
 
 class IBNResNet(ResNet):

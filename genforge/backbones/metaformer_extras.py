@@ -15,7 +15,9 @@ timm's ``MetaFormer`` (timm has the class and StarReLU but registers neither mod
   token matrix X, with R = softmax(rand(N, N)) row-wise, drawn once and frozen. Every row
   of R sums to 1, so each token becomes a fixed convex combination of all tokens. R is a
   buffer here (a ``requires_grad=False`` Parameter in the official code; same state-dict
-  key), so it never reaches an optimizer. N is fixed by the input size (196 and 49 at 224).
+  key), so it never reaches an optimizer. N is fixed by the input size (196 and 49 at 224),
+  so RandFormer's pretrained configs say ``fixed_input_size=True``; RandomMixing, which
+  checks the size, is an FX leaf module.
 - Layout: 7x7 stride-4 stem, 3x3 stride-2 downsamplings, GroupNorm-1 (no bias) before each
   mixer and MLP, LayerNorm-without-bias in stem/downsampling, mean-pool -> LN -> linear head.
 """
@@ -23,6 +25,7 @@ timm's ``MetaFormer`` (timm has the class and StarReLU but registers neither mod
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_module, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
 from torch import nn
@@ -32,6 +35,7 @@ from genforge.backbones.registry import register_gf_model, register_official_con
 __all__ = ["MetaFormerBaseline", "RandomMixing", "stage_token_counts"]
 
 
+@register_notrace_module  # reason: checks the token count, a Proxy under FX
 class RandomMixing(nn.Module):
     """X -> R X over the N flattened tokens, R = softmax(U(0, 1)^(N x N)) row-wise, frozen at construction."""
 
@@ -53,21 +57,27 @@ class RandomMixing(nn.Module):
 class MetaFormerBaseline(MetaFormer):
     """timm's ``MetaFormer`` plus the two contract methods it lacks and RandFormer's mixers.
 
-    ``random_mixing_tokens[i]`` = N puts a :class:`RandomMixing` over N tokens in every block
-    of stage i (None keeps the stage's mixer). They are set after timm builds the stages
-    because ``MetaFormerStage`` takes a mixer class, which cannot carry a per-stage N.
+    ``random_mixing[i]`` True puts a :class:`RandomMixing` in every block of stage i, over
+    the stage's token count at ``img_size`` (an int or (H, W); timm passes the pretrained
+    config's input size, as the config says ``fixed_input_size``). They are set after timm
+    builds the stages because ``MetaFormerStage`` takes a mixer class, which cannot carry a
+    per-stage N.
     """
 
-    def __init__(self, random_mixing_tokens: tuple[int | None, ...] | None = None, **kwargs):
+    def __init__(self, random_mixing: tuple[bool, ...] | None = None,
+                 img_size: int | tuple[int, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        if random_mixing_tokens is None:
+        if random_mixing is None:
+            if img_size is not None:
+                raise ValueError(f"img_size={img_size} only applies to a model with random mixing (RandFormer)")
             return
-        if len(random_mixing_tokens) != self.num_stages:
-            raise ValueError(f"random_mixing_tokens needs one entry per stage ({self.num_stages}); "
-                             f"got {random_mixing_tokens}")
+        if len(random_mixing) != self.num_stages:
+            raise ValueError(f"random_mixing needs one entry per stage ({self.num_stages}); got {random_mixing}")
+        if img_size is None:
+            raise ValueError("random mixing needs the img_size that fixes its token counts")
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
-        for stage, num_tokens in zip(self.stages, random_mixing_tokens):
-            if num_tokens is not None:
+        for stage, mixing, num_tokens in zip(self.stages, random_mixing, stage_token_counts(img_size)):
+            if mixing:
                 for blk in stage.blocks:
                     blk.token_mixer = RandomMixing(num_tokens, **dd)
 
@@ -83,13 +93,13 @@ class MetaFormerBaseline(MetaFormer):
             (r'^stages\.(\d+)\.blocks\.(\d+)', None)])
 
 
-def stage_token_counts(img_size: int) -> tuple[int, int, int, int]:
+def stage_token_counts(img_size: int | tuple[int, int]) -> tuple[int, int, int, int]:
     """Tokens per stage: the stem is a 7x7 stride-4 conv with padding 2, then 3x3 stride-2 convs."""
-    side = (img_size + 2 * 2 - 7) // 4 + 1
+    sides = [(s + 2 * 2 - 7) // 4 + 1 for s in to_2tuple(img_size)]
     counts = []
     for _ in range(4):
-        counts.append(side * side)
-        side = (side + 2 - 3) // 2 + 1
+        counts.append(sides[0] * sides[1])
+        sides = [(s + 2 - 3) // 2 + 1 for s in sides]
     return tuple(counts)
 
 
@@ -134,10 +144,9 @@ def _identityformer(variant: str, pretrained: bool, depths, dims, **kwargs) -> M
                    norm_layers=GroupNorm1NoBias, use_mlp_head=False, **kwargs)
 
 
-def _randformer(variant: str, pretrained: bool, depths, dims, img_size: int = 224, **kwargs) -> MetaFormerBaseline:
-    tokens = stage_token_counts(img_size)
+def _randformer(variant: str, pretrained: bool, depths, dims, **kwargs) -> MetaFormerBaseline:
     return _create(variant, pretrained, depths=depths, dims=dims, token_mixers=nn.Identity,
-                   random_mixing_tokens=(None, None, tokens[2], tokens[3]), norm_layers=GroupNorm1NoBias,
+                   random_mixing=(False, False, True, True), norm_layers=GroupNorm1NoBias,
                    use_mlp_head=False, **kwargs)
 
 
@@ -149,11 +158,12 @@ def _cfg(**kwargs) -> dict:
 
 
 _NANO = dict(input_size=(3, 32, 32), pool_size=(1, 1))
+_SIZES = ('s12', 's24', 's36', 'm36', 'm48')
 default_cfgs = generate_default_cfgs({
-    **{f'gf_{kind}_{size}.untrained': _cfg() for kind in ('identityformer', 'randformer')
-       for size in ('s12', 's24', 's36', 'm36', 'm48')},
+    **{f'gf_identityformer_{size}.untrained': _cfg() for size in _SIZES},
+    **{f'gf_randformer_{size}.untrained': _cfg(fixed_input_size=True) for size in _SIZES},
     'gf_identityformer_nano.untrained': _cfg(**_NANO),
-    'gf_randformer_nano.untrained': _cfg(**_NANO),
+    'gf_randformer_nano.untrained': _cfg(**_NANO, fixed_input_size=True),
 })
 
 _S, _M = (64, 128, 320, 512), (96, 192, 384, 768)
@@ -227,6 +237,6 @@ def gf_identityformer_nano(pretrained: bool = False, **kwargs) -> MetaFormerBase
 
 
 @register_gf_model
-def gf_randformer_nano(pretrained: bool = False, img_size: int = 32, **kwargs) -> MetaFormerBaseline:
+def gf_randformer_nano(pretrained: bool = False, **kwargs) -> MetaFormerBaseline:
     """A test-sized RandFormer (32x32 input: 4 and 1 tokens in stages 3-4), widths 16-64."""
-    return _randformer('gf_randformer_nano', pretrained, _NANO_DEPTHS, _NANO_DIMS, img_size=img_size, **kwargs)
+    return _randformer('gf_randformer_nano', pretrained, _NANO_DEPTHS, _NANO_DIMS, **kwargs)

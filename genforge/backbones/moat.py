@@ -18,7 +18,8 @@ the configurations and block details below follow it.
       x = MBConv(x);   x = x + DropPath(Attn(LN(x)))
 
 - Attention: multi-head self-attention with head size 32 and a 2-D relative position bias,
-  as in CoAtNet (Dai et al., arXiv 2106.04803)::
+  as in CoAtNet (Dai et al., arXiv 2106.04803), computed by timm's ``Attention`` (fused
+  scaled-dot-product attention with the bias as its additive mask)::
 
       logits_(n, i, j) = q_i . k_j / sqrt(d) + B_n[h_j - h_i, w_j - w_i]
 
@@ -31,7 +32,8 @@ the configurations and block details below follow it.
 Convolutions use TF "same" padding (``timm.layers.create_conv2d(padding='same')``) and
 BatchNorm uses TF's defaults (eps 1e-3, momentum 0.99, i.e. torch momentum 0.01), so the
 feature grid matches the official model. There is no PyTorch checkpoint of MOAT, so there
-is no official-checkpoint converter here.
+is no official-checkpoint converter here. The model scripts (TorchScript) and traces (FX);
+the relative position bias, whose size follows the input map, is an FX leaf module.
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
+from timm.layers import (Attention, DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d,
+                         register_notrace_module)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from torch import nn
 
 from genforge.backbones.registry import register_gf_model
 from genforge.backbones.staged import StagedBackbone
-from genforge.core.attention import MultiHeadAttention
 
 __all__ = ["MBConvBlock", "Moat", "MoatBlock", "RelativePositionBias"]
 
@@ -85,6 +86,7 @@ class MBConvBlock(nn.Module):
         return shortcut + self.drop_path(y)
 
 
+@register_notrace_module  # reason: the table is resized when the map size (a Proxy under FX) differs
 class RelativePositionBias(nn.Module):
     """B_n[Δh, Δw] from a per-head (2P - 1) x (2P - 1) table, as an (heads, HW, HW) additive bias.
 
@@ -100,7 +102,7 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, height: int, width: int) -> torch.Tensor:
         table = self.relative_position_embedding
-        if table.shape[-2:] != (2 * height - 1, 2 * width - 1):
+        if table.shape[-2] != 2 * height - 1 or table.shape[-1] != 2 * width - 1:
             table = F.interpolate(table[None], size=(2 * height - 1, 2 * width - 1), mode='bilinear',
                                   align_corners=False)[0]
         rows = torch.arange(height, device=table.device)
@@ -108,7 +110,7 @@ class RelativePositionBias(nn.Module):
         dh = rows[None, :] - rows[:, None] + height - 1                 # (H_query, H_key)
         dw = cols[None, :] - cols[:, None] + width - 1                  # (W_query, W_key)
         bias = table[:, dh[:, None, :, None], dw[None, :, None, :]]     # (heads, Hq, Wq, Hk, Wk)
-        return rearrange(bias, 'n hq wq hk wk -> n (hq wq) (hk wk)')
+        return bias.reshape(-1, height * width, height * width)
 
 
 class MoatBlock(nn.Module):
@@ -121,18 +123,18 @@ class MoatBlock(nn.Module):
             raise ValueError(f"MOAT block width {out_chs} is not a multiple of head_size {head_size}")
         num_heads = out_chs // head_size
         self.mbconv = MBConvBlock(in_chs, out_chs, stride, expansion_rate, se_ratio=None, drop_path=drop_path)
-        self.attn_norm = nn.LayerNorm(out_chs, eps=ln_eps)
-        self.attn = MultiHeadAttention(out_chs, num_heads, qkv_bias=True, out_bias=True)
+        self.norm = nn.LayerNorm(out_chs, eps=ln_eps)
+        self.attn = Attention(out_chs, num_heads, qkv_bias=True)
         self.rel_pos = RelativePositionBias(num_heads, pos_embed_size) if pos_embed_size else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mbconv(x)                                              # (B, C, H, W)
-        height, width = x.shape[-2:]
-        tokens = rearrange(x, 'b c h w -> b (h w) c')
-        mask = None if self.rel_pos is None else self.rel_pos(height, width)[None]  # (1, heads, HW, HW)
-        tokens = tokens + self.drop_path(self.attn(self.attn_norm(tokens), mask=mask))
-        return rearrange(tokens, 'b (h w) c -> b c h w', h=height, w=width)
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)                           # (B, HW, C)
+        bias = None if self.rel_pos is None else self.rel_pos(H, W)[None]  # (1, heads, HW, HW)
+        tokens = tokens + self.drop_path(self.attn(self.norm(tokens), attn_mask=bias))
+        return tokens.transpose(1, 2).reshape(B, C, H, W)
 
 
 class MoatStage(nn.Module):

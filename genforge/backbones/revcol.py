@@ -23,7 +23,8 @@ classification code of megvii-research/RevCol (``models/revcol.py``, ``revcol_fu
   previous column's levels with the inverse above, so activations inside the columns are
   never stored. The RNG state before each level is replayed so drop-path masks match.
   ``save_memory=False`` uses plain autograd (and then ``set_grad_checkpointing`` checkpoints
-  each column).
+  each column). The reversible Function exists only in eager PyTorch: a TorchScript-scripted
+  or FX-traced RevCol computes the same outputs and gradients with plain autograd.
 - Intermediate supervision (Sec. 2.3, ``inter_supv=True``): every N/4-th column's top level
   feeds an auxiliary classifier and all but the last a reconstruction decoder;
   :meth:`RevCol.forward_intermediate_supervision` returns their outputs and
@@ -31,14 +32,12 @@ classification code of megvii-research/RevCol (``models/revcol.py``, ``revcol_fu
   classification head in :meth:`RevCol.forward`.
 """
 
-from __future__ import annotations
-
 import re
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from timm.layers import LayerNorm, LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (LayerNorm, LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates,
+                         register_notrace_function, trunc_normal_)
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtBlock
@@ -62,8 +61,8 @@ class UpProjection(nn.Module):
         self.norm = LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.proj(rearrange(x, 'b c h w -> b h w c')))
-        return F.interpolate(rearrange(x, 'b h w c -> b c h w'), scale_factor=2, mode='nearest')
+        x = self.norm(self.proj(x.permute(0, 2, 3, 1)))
+        return F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2., mode='nearest')
 
 
 class Fusion(nn.Module):
@@ -80,7 +79,10 @@ class Fusion(nn.Module):
 
     def forward(self, lower: torch.Tensor, upper: torch.Tensor | None) -> torch.Tensor:
         x = self.down(lower)
-        return x if self.up is None else self.up(upper) + x
+        if self.up is None:
+            return x
+        assert upper is not None, "a fusion with an up path needs the previous column's upper level"
+        return self.up(upper) + x
 
 
 class Level(nn.Module):
@@ -121,7 +123,7 @@ class _ReversibleColumn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, column: Column, x: torch.Tensor, *prev_and_params):
+    def forward(ctx, column: "Column", x: torch.Tensor, *prev_and_params):
         prev = prev_and_params[:NUM_LEVELS]
         ctx.column = column
         ctx.rng_states = []
@@ -129,13 +131,20 @@ class _ReversibleColumn(torch.autograd.Function):
         ctx.autocast = dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                             dtype=torch.get_autocast_dtype(device_type),
                             cache_enabled=torch.is_autocast_cache_enabled())
-        states = column(x, None if prev[0] is None else prev, rng_log=ctx.rng_states)
+        # the RNG state before each level, recorded as the level starts
+        hooks = [level.register_forward_pre_hook(lambda *_: ctx.rng_states.append(_RngState(x)))
+                 for level in column.levels]
+        try:
+            states = tuple(column(x, None if prev[0] is None else list(prev)))
+        finally:
+            for hook in hooks:
+                hook.remove()
         ctx.save_for_backward(x, *states)
         return states
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        column: Column = ctx.column
+        column: "Column" = ctx.column
         x, *states = ctx.saved_tensors
         params = list(column.parameters())
         position = {id(p): i for i, p in enumerate(params)}
@@ -181,6 +190,7 @@ class Column(nn.Module):
         # gamma_l, (1, C_l, 1, 1): the first column adds nothing from a previous one, so it has none.
         self.gamma = None if first else nn.ParameterList([
             nn.Parameter(torch.full((1, dim, 1, 1), 0.5)) for dim in dims])
+        self.gamma_min = GAMMA_MIN  # an attribute, which TorchScript reads (it cannot read module globals)
 
     def clamp_gamma_(self) -> None:
         """|gamma| >= 1e-3 with its sign kept (zero counts as positive), as the official code does each forward.
@@ -188,34 +198,45 @@ class Column(nn.Module):
         Written through ``.data`` like the official code, so it does not invalidate graphs that
         saved gamma; it only ever changes a gamma an optimiser pushed below the bound.
         """
-        if self.gamma is None:
-            return
-        for gamma in self.gamma:
-            sign = torch.where(gamma.data < 0, -1.0, 1.0)
-            gamma.data.copy_(sign * gamma.data.abs().clamp(min=GAMMA_MIN))
+        if self.gamma is not None:
+            for gamma in self.gamma:
+                sign = torch.where(gamma.data < 0, -1.0, 1.0)
+                gamma.data.copy_(sign * gamma.data.abs().clamp(min=self.gamma_min))
 
-    def forward(self, x: torch.Tensor, prev: tuple[torch.Tensor, ...] | None,
-                rng_log: list[_RngState] | None = None) -> tuple[torch.Tensor, ...]:
-        """(X_0^i .. X_3^i) from the stem output x and the previous column (None for column 0).
-
-        ``rng_log`` is how the reversible Function records the RNG state before each level.
-        """
-        states = []
+    def forward(self, x: torch.Tensor, prev: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """[X_0^i .. X_3^i] from the stem output x and the previous column (None for column 0)."""
+        states: list[torch.Tensor] = []
         lower = x
-        for level, block in enumerate(self.levels):
-            if rng_log is not None:
-                rng_log.append(_RngState(x))
-            upper = None if prev is None or level == NUM_LEVELS - 1 else prev[level + 1]
-            lower = block(lower, upper)
-            if prev is not None:
-                lower = lower + self.gamma[level] * prev[level]
-            states.append(lower)
-        return tuple(states)
+        if self.gamma is None or prev is None:
+            for block in self.levels:
+                lower = block(lower, None)
+                states.append(lower)
+        else:
+            for level, (block, gamma) in enumerate(zip(self.levels, self.gamma)):
+                upper = None if level == len(self.levels) - 1 else prev[level + 1]
+                lower = block(lower, upper) + gamma * prev[level]
+                states.append(lower)
+        return states
 
-    def forward_reversible(self, x: torch.Tensor, prev: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+    def run(self, x: torch.Tensor, prev: list[torch.Tensor] | None, save_memory: bool,
+            grad_checkpointing: bool) -> list[torch.Tensor]:
+        """The column as the network runs it: gamma clamped, then reversible (``save_memory``),
+        checkpointed or plain autograd when gradients are recorded in eager PyTorch; plain
+        autograd when scripted or traced."""
+        self.clamp_gamma_()
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy):
+                if save_memory:
+                    return self.forward_reversible(x, prev)
+                if grad_checkpointing:
+                    return checkpoint(self, x, prev, use_reentrant=False)
+        return self.forward(x, prev)
+
+    @torch.jit.unused
+    def forward_reversible(self, x: torch.Tensor, prev: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Same outputs as :meth:`forward`; backward recomputes instead of storing activations."""
-        prev = (None,) * NUM_LEVELS if prev is None else prev
-        return _ReversibleColumn.apply(self, x, *prev, *self.parameters())
+        prev = [None] * NUM_LEVELS if prev is None else prev
+        return list(_ReversibleColumn.apply(self, x, *prev, *self.parameters()))
 
     def unmix(self, level: int, state: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """X_l^{i-1} = gamma_l^{-1} (X_l^i - F_l(...)): the previous column's level from this one's."""
@@ -254,6 +275,15 @@ class ReconstructionDecoder(nn.Module):
         for proj, blocks in zip(self.proj_layers, self.normal_layers):
             x = blocks(F.interpolate(proj(x), scale_factor=2, mode='bilinear', align_corners=True))
         return self.projback(x)  # (B, C_0, H/4, W/4) -> (B, in_chans, H, W)
+
+
+@register_notrace_function  # reason: checks the input size, a Proxy under FX
+def check_input_size(x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged if its height and width are multiples of 32, else a ValueError naming its shape."""
+    if x.shape[-1] % 32 != 0 or x.shape[-2] % 32 != 0:
+        raise ValueError(f"RevCol needs height and width divisible by 32 (levels at strides 4-32 are "
+                         f"fused by 2x up/down sampling); got input of shape {x.shape}")
+    return x
 
 
 class RevCol(nn.Module):
@@ -349,25 +379,12 @@ class RevCol(nn.Module):
         for head in self.cls_blocks or ():
             head.reset(num_classes, global_pool, reset_other=reset_other)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"RevCol needs height and width divisible by 32 (levels at strides 4-32 are "
-                             f"fused by 2x up/down sampling); got input of shape {tuple(x.shape)}")
-
-    def _column(self, column: Column, x: torch.Tensor, prev: tuple[torch.Tensor, ...] | None):
-        column.clamp_gamma_()
-        if self.save_memory and torch.is_grad_enabled():
-            return column.forward_reversible(x, prev)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(column, x, prev, use_reentrant=False)
-        return column(x, prev)
-
-    def _last_column(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._check_input(x)
-        x = self.stem(x)
-        states = None
+    def _last_column(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(check_input_size(x))
+        states: list[torch.Tensor] | None = None
         for column in self.columns:
-            states = self._column(column, x, states)
+            states = column.run(x, states, self.save_memory, self.grad_checkpointing)
+        assert states is not None, "RevCol has at least one column"
         return states
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -414,12 +431,11 @@ class RevCol(nn.Module):
         """
         if not self.inter_supv:
             raise ValueError("this RevCol was built without inter_supv=True, so it has no auxiliary heads")
-        self._check_input(x)
-        x = self.stem(x)
+        x = self.stem(check_input_size(x))
         logits, reconstructions = [], []
         states = None
         for i, column in enumerate(self.columns):
-            states = self._column(column, x, states)
+            states = column.run(x, states, self.save_memory, self.grad_checkpointing)
             if i in self.aux_columns:
                 k = self.aux_columns.index(i)
                 logits.append(self.cls_blocks[k](states[-1]))

@@ -18,20 +18,27 @@ What the code implements (the paper's method section, in its order):
   ``x += FFN(LN(x))`` with ``FFN(x) = fc2(h + DWConv3x3(h)), h = GELU(fc1(x))``; optional layer scale.
 * Stem: four 3x3 convs with BN (two of stride 2); between stages a 3x3 stride-2 conv + BN.
 * Head: per-position ``Linear(C -> 1024)``, BN, Swish, global average pool, classifier.
+* Token labelling (the official ``classification_token_label_release``, checkpoints RMT-S*/B*/L*):
+  ``token_label=True`` adds the official ``aux_head``, a linear classifier of every last-stage token,
+  and the logits become the official inference output ``head(x) + 0.5 * max_n aux_head(token_n)``.
+  Only that inference form is implemented: the official training forward (MixToken, and returning
+  the per-token logits for dense token-label targets) is not, so in train mode the model returns
+  the same combined logits.
 
 The layout differs from the official one only in where the downsampling conv lives (at the start of the
 next stage, so ``stages.i`` outputs stage i's features, as timm's feature extraction expects);
-``checkpoint_filter_fn`` converts official checkpoints by renames.
+``checkpoint_filter_fn`` converts official checkpoints by renames. A token-labelled checkpoint loaded
+into a model built without ``token_label`` loses its ``aux_head``, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, SelectAdaptivePool2d, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs
@@ -92,7 +99,7 @@ class RetNetRelPos2d(nn.Module):
     def rotary(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """sin and cos of every token's rotation angles, (H, W, d); the position is the raster index."""
         index = torch.arange(height * width).to(self.decay)
-        theta = rearrange(index[:, None] * self.angle[None, :], "(y x) d -> y x d", y=height)
+        theta = (index[:, None] * self.angle[None, :]).reshape(height, width, -1)
         return torch.sin(theta), torch.cos(theta)
 
     def decay_1d(self, length: int) -> torch.Tensor:
@@ -107,10 +114,13 @@ class RetNetRelPos2d(nn.Module):
         manhattan = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
         return manhattan * self.decay[:, None, None]
 
-    def forward(self, height: int, width: int, decomposed: bool):
-        """((sin, cos), decay): decay is (mask along H, mask along W) if decomposed, else the 2-D mask."""
-        decay = (self.decay_1d(height), self.decay_1d(width)) if decomposed else self.decay_2d(height, width)
-        return self.rotary(height, width), decay
+    def forward(self, height: int, width: int,
+                decomposed: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(sin, cos, decay): decay is [mask along H, mask along W] if decomposed, else [the 2-D mask]."""
+        sin, cos = self.rotary(height, width)
+        if decomposed:
+            return sin, cos, [self.decay_1d(height), self.decay_1d(width)]
+        return sin, cos, [self.decay_2d(height, width)]
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -127,23 +137,27 @@ class ManhattanSelfAttention(nn.Module):
         self.lepe = DWConv2d(dim, 5)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
-        (sin, cos), decay = rel_pos
-        v = self.v_proj(x)  # (B, H, W, C)
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, n d) -> (B, n, H, W, d)."""
+        B, H, W, _ = t.shape
+        return t.reshape(B, H, W, self.num_heads, -1).permute(0, 3, 1, 2, 4)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: list[torch.Tensor]) -> torch.Tensor:
+        """x (B, H, W, C); ``decay`` as :meth:`RetNetRelPos2d.forward` returns it."""
+        B, H, W, C = x.shape
+        v = self.v_proj(x)
         lepe = self.lepe(v)
-        q, k, v = (rearrange(t, "b y x (n d) -> b n y x d", n=self.num_heads)
-                   for t in (self.q_proj(x), self.k_proj(x) * self.scaling, v))
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x) * self.scaling), self._heads(v)
         q, k = theta_shift(q, sin, cos), theta_shift(k, sin, cos)
         if self.decomposed:
-            decay_h, decay_w = decay
-            v = decayed_attention(q, k, v, decay_w[:, None])  # along W: rows (B, n, H, W, d)
-            q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, n, W, H, d)
-            out = decayed_attention(q, k, v, decay_h[:, None]).transpose(2, 3)  # along H: columns
+            v = decayed_attention(q, k, v, decay[1][:, None])  # along W: rows (B, n, H, W, d)
+            q, k, v = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)  # (B, n, W, H, d)
+            out = decayed_attention(q, k, v, decay[0][:, None]).transpose(2, 3)  # along H: columns
         else:
-            height = x.shape[1]
-            q, k, v = (rearrange(t, "b n y x d -> b n (y x) d") for t in (q, k, v))
-            out = rearrange(decayed_attention(q, k, v, decay), "b n (y x) d -> b n y x d", y=height)
-        out = rearrange(out, "b n y x d -> b y x (n d)") + lepe
+            out = decayed_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), decay[0])  # (B, n, HW, d)
+            out = out.reshape(B, self.num_heads, H, W, -1)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C) + lepe
         return self.out_proj(out)
 
 
@@ -181,9 +195,10 @@ class RetBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: list[torch.Tensor]) -> torch.Tensor:
         x = x + self.pos(x)
-        y = self.retention(self.retention_layer_norm(x), rel_pos)
+        y = self.retention(self.retention_layer_norm(x), sin, cos, decay)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.ffn(self.final_layer_norm(x))
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
@@ -233,12 +248,12 @@ class RMTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        rel_pos = self.relpos(x.shape[1], x.shape[2], self.decomposed)
+        sin, cos, decay = self.relpos(x.shape[1], x.shape[2], self.decomposed)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, rel_pos)
+                x = checkpoint(blk, x, sin, cos, decay)
             else:
-                x = blk(x, rel_pos)
+                x = blk(x, sin, cos, decay)
         return x.permute(0, 3, 1, 2)
 
 
@@ -253,29 +268,40 @@ class RMTHead(nn.Module):
     """Per-position ``Linear -> BN -> Swish``, then pool, dropout and the classifier.
 
     With ``pool_type=''`` nothing is pooled and the classifier is applied at every position.
+    ``token_label=True`` adds ``aux_fc`` (the official token-labelled models' ``aux_head``) on the
+    input tokens, and ``0.5 * max_n aux_fc(token_n)`` to the logits (at every position if unpooled).
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, pool_type: str = "avg",
-                 drop_rate: float = 0.):
+                 drop_rate: float = 0., token_label: bool = False):
         super().__init__()
+        self.token_label = token_label
         self.proj = nn.Linear(in_features, hidden)
         self.norm = nn.BatchNorm2d(hidden)
         self.act = nn.SiLU()
         self.global_pool = _head_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_fc = nn.Linear(in_features, num_classes) if token_label and num_classes > 0 else None
 
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
         if pool_type is not None:
             self.global_pool = _head_pool(pool_type)
         self.fc = nn.Linear(self.proj.out_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_fc = (nn.Linear(self.proj.in_features, num_classes) if self.token_label and num_classes > 0
+                       else None)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        aux = None if self.aux_fc is None else 0.5 * self.aux_fc(x.flatten(2).transpose(1, 2)).amax(1)  # (B, K)
         x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, hidden, H, W)
         x = self.drop(self.global_pool(self.act(self.norm(x))))
         if pre_logits:
             return x
-        return self.fc(x) if x.ndim == 2 else self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.global_pool.is_identity():  # unpooled (B, hidden, H, W): the classifier at every position
+            logits = self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return logits if aux is None else logits + aux[:, :, None, None]
+        logits = self.fc(x)
+        return logits if aux is None else logits + aux
 
 
 class RMT(StagedBackbone):
@@ -288,7 +314,7 @@ class RMT(StagedBackbone):
                  decomposed: tuple[bool, ...] = (True, True, False, False),
                  layerscales: tuple[bool, ...] = (False, False, False, False), layer_init_value: float = 1e-6,
                  projection: int = 1024, drop_rate: float = 0., proj_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.):
+                 drop_path_rate: float = 0., token_label: bool = False):
         super().__init__()
         per_stage = (embed_dims, num_heads, init_values, heads_ranges, mlp_ratios, decomposed, layerscales)
         if any(len(v) != len(depths) for v in per_stage):
@@ -307,7 +333,7 @@ class RMT(StagedBackbone):
         self.stages = nn.Sequential(*stages)
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
-        self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate)
+        self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate, token_label)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -343,15 +369,28 @@ def _official_rename(key: str) -> str:
         return f"stages.{int(m[1]) + 1}.downsample.{m[2]}"
     key = re.sub(r"^layers\.(\d+)\.Relpos\.", r"stages.\1.relpos.", key)
     key = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
-    return re.sub(r"^(proj|norm|head)\.", lambda m: "head.fc." if m[1] == "head" else f"head.{m[1]}.", key)
+    heads = {"head": "head.fc.", "aux_head": "head.aux_fc."}
+    return re.sub(r"^(proj|norm|head|aux_head)\.", lambda m: heads.get(m[1], f"head.{m[1]}."), key)
 
 
 @register_official_converter("gf_rmt")
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Official ``VisRetNet`` keys -> ours: ``layers.i`` -> ``stages.i`` (its downsample -> ``stages.{i+1}``),
-    ``Relpos`` -> ``relpos``, and ``proj``/``norm``/``head`` -> ``head.proj``/``head.norm``/``head.fc``."""
+    ``Relpos`` -> ``relpos``, and ``proj``/``norm``/``head``/``aux_head`` -> ``head.proj``/``head.norm``/
+    ``head.fc``/``head.aux_fc``.
+
+    The ``aux_head`` of a token-labelled checkpoint is dropped, with a warning, when ``model`` has no
+    ``head.aux_fc`` (built without ``token_label=True``): the official model adds
+    ``0.5 * max_n aux_head(token_n)`` to its logits, so the predictions then differ from the official ones.
+    """
     if any(k.startswith("stages.") for k in state_dict):
         return state_dict
+    aux_keys = [k for k in state_dict if k.startswith("aux_head.")]
+    if aux_keys and getattr(model.head, "aux_fc", None) is None:
+        warnings.warn(f"dropping {aux_keys} of a token-labelled RMT checkpoint: this model was built without "
+                      f"token_label=True, so its logits lack the official 0.5 * max_n aux_head(token_n) term; "
+                      f"build it with token_label=True to keep it", stacklevel=2)
+        state_dict = {k: v for k, v in state_dict.items() if k not in aux_keys}
     return {_official_rename(k): v for k, v in state_dict.items()}
 
 

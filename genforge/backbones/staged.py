@@ -10,8 +10,6 @@ contract once for all of them: ``forward_features`` / ``forward_head`` / ``forwa
 ``feature_info`` in ``__init__``, and overrides only what differs.
 """
 
-from __future__ import annotations
-
 import torch
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -20,15 +18,13 @@ __all__ = ["StagedBackbone", "convnext_layout_key"]
 
 
 class StagedBackbone(nn.Module):
-    """Base of ``stem -> stages -> head`` backbones; see the module docstring."""
+    """Base of ``stem -> stages -> head`` backbones; see the module docstring.
 
-    stem: nn.Module
-    stages: nn.Sequential
-    head: nn.Module
-    num_classes: int
-    num_features: int
-    head_hidden_size: int
-    feature_info: list[dict]
+    A subclass sets the modules ``stem``, ``stages`` (``nn.Sequential``) and ``head`` and the
+    attributes ``num_classes``, ``num_features``, ``head_hidden_size`` and ``feature_info``.
+    (They are not class annotations: under ``from __future__ import annotations`` TorchScript
+    cannot resolve an annotation such as ``nn.Module``.)
+    """
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -32,7 +32,10 @@ What the code implements, in the order of the paper's method section:
 As in the official code, the position biases, padding masks and pooled sizes are fixed at
 construction by ``img_size`` (``pretrain_size`` rescales the relative coordinates when a
 model trained at one size is built for another); an input of another size is refused with a
-clear error. Official checkpoints convert by renames only (``checkpoint_filter_fn``).
+clear error, and the pretrained configs say ``fixed_input_size=True``. LayerNorm eps: 1e-6 in
+the blocks and stage norms, torch's default 1e-5 in the patch embeddings and the pooled
+branch, as in the official model. Official checkpoints convert by renames only
+(``checkpoint_filter_fn``). The model scripts (TorchScript) and traces (FX).
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, use_fused_attn
+from timm.layers import (ClassifierHead, DropPath, calculate_drop_path_rates, register_notrace_function, to_2tuple,
+                         use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -54,7 +57,7 @@ from torch.nn.init import trunc_normal_
 from genforge.backbones.registry import register_gf_model, register_official_converter
 from genforge.backbones.staged import StagedBackbone
 
-__all__ = ["AggregatedAttention", "Attention", "ConvGLU", "TransNeXt", "relative_position_cpb"]
+__all__ = ["AggregatedAttention", "Attention", "ConvGLU", "TransNeXt", "check_map_size", "relative_position_cpb"]
 
 _CPB_HIDDEN = 512
 _TEMPERATURE_INIT = 1 / 0.24  # softplus(temperature) starts at 1/0.24, as in the official code
@@ -96,6 +99,31 @@ def local_window_mask(grid: tuple[int, int], window: int) -> tuple[torch.Tensor,
     return inside.sum(-1, keepdim=True), inside == 0
 
 
+def _tokens_to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1, size[0], size[1])
+
+
+def _split_heads(x: torch.Tensor, parts: int, num_heads: int) -> list[torch.Tensor]:
+    """(B, N, parts * heads * d) -> ``parts`` tensors (B, heads, N, d)."""
+    return x.reshape(x.shape[0], x.shape[1], parts, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+@register_notrace_function  # reason: compares the map size, a Proxy under FX
+def check_map_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` (B, C, H, W) unchanged if (H, W) == size, else a ValueError naming both."""
+    if x.shape[-2] != size[0] or x.shape[-1] != size[1]:
+        raise ValueError(f"this TransNeXt stage was built for a {size[0]}x{size[1]} input map but got "
+                         f"{x.shape[-2]}x{x.shape[-1]}: its position biases are fixed by img_size, so create "
+                         f"the model with img_size equal to the input resolution")
+    return x
+
+
 class ConvGLU(nn.Module):
     """Convolutional GLU: ``fc2(GELU(DWConv3x3(gate)) * value)`` with ``(gate, value) = fc1(x)``.
 
@@ -114,8 +142,7 @@ class ConvGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)  # (B, N, h) each
-        gate = rearrange(gate, "b (y x) c -> b c y x", y=size[0])
-        gate = rearrange(self.dwconv(gate), "b c y x -> b (y x) c")
+        gate = self.dwconv(_tokens_to_map(gate, size)).flatten(2).transpose(1, 2)
         return self.drop(self.fc2(self.drop(self.act(gate) * value)))
 
 
@@ -159,7 +186,7 @@ class Attention(_CosineAttentionBase):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], rel_index: torch.Tensor,
                 rel_table: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
         q = self.scaled_query(F.normalize(q, dim=-1), self.seq_length_scale)
         k = F.normalize(k, dim=-1)
         bias = self.position_bias(rel_index, rel_table, x.shape[1])
@@ -169,7 +196,7 @@ class Attention(_CosineAttentionBase):
         else:
             attn = self.attn_drop((q @ k.transpose(-2, -1) + bias).softmax(-1))
             x = attn @ v
-        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+        return self.proj_drop(self.proj(_merge_heads(x)))
 
 
 class AggregatedAttention(_CosineAttentionBase):
@@ -218,35 +245,36 @@ class AggregatedAttention(_CosineAttentionBase):
 
     def _windows(self, t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, h, N, d) -> (B, h, N, k*k, d): each token's zero-padded k x k neighbourhood."""
-        t = rearrange(t, "b h (y x) d -> b (h d) y x", y=size[0])
-        t = F.unfold(t, self.window_size, padding=self.window_size // 2)
-        return rearrange(t, "b (h d l) n -> b h n l d", h=self.num_heads, l=self.local_len)
+        B, heads, N, d = t.shape
+        t = t.transpose(2, 3).reshape(B, heads * d, size[0], size[1])
+        t = F.unfold(t, self.window_size, padding=self.window_size // 2)  # (B, h d L, N)
+        return t.reshape(B, heads, d, self.local_len, N).permute(0, 1, 4, 3, 2)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], rel_index: torch.Tensor,
                 rel_table: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q_hat = F.normalize(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads), dim=-1)
+        q_hat = F.normalize(_split_heads(self.q(x), 1, self.num_heads)[0], dim=-1)
         q = self.scaled_query(q_hat, self.seq_length_scale)  # (B, h, N, d)
 
         # (a) full-resolution sliding window
-        k_local, v_local = rearrange(self.kv(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        k_local, v_local = _split_heads(self.kv(x), 2, self.num_heads)
         k_local = self._windows(F.normalize(k_local, dim=-1), size)  # (B, h, N, L, d)
         v_local = self._windows(v_local, size)
         logits_local = torch.einsum("bhnd,bhnld->bhnl", q, k_local) + self.relative_pos_bias_local[:, None]
         logits_local = logits_local.masked_fill(self.padding_mask, float("-inf"))
 
         # (b) pooled map
-        pooled = self.pool(self.act(self.sr(rearrange(x, "b (y x) c -> b c y x", y=size[0]))))
-        pooled = self.norm(rearrange(pooled, "b c y x -> b (y x) c"))  # (B, P, C)
-        k_pool, v_pool = rearrange(self.kv(pooled), "b p (two h d) -> two b h p d", two=2, h=self.num_heads)
-        logits_pool = q @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + self.position_bias(rel_index, rel_table, N)
+        pooled = self.pool(self.act(self.sr(_tokens_to_map(x, size))))
+        pooled = self.norm(pooled.flatten(2).transpose(1, 2))  # (B, P, C)
+        k_pool, v_pool = _split_heads(self.kv(pooled), 2, self.num_heads)
+        logits_pool = (q @ F.normalize(k_pool, dim=-1).transpose(-2, -1)
+                       + self.position_bias(rel_index, rel_table, size[0] * size[1]))
 
         # one softmax over both key sets, then the query-dependent local weights
         attn = self.attn_drop(torch.cat([logits_local, logits_pool], -1).softmax(-1))
         attn_local, attn_pool = attn.split([self.local_len, self.pool_len], dim=-1)
         attn_local = attn_local + q_hat @ self.learnable_tokens + self.learnable_bias
         x = torch.einsum("bhnl,bhnld->bhnd", attn_local, v_local) + attn_pool @ v_pool
-        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+        return self.proj_drop(self.proj(_merge_heads(x)))
 
 
 class Block(nn.Module):
@@ -274,16 +302,19 @@ class Block(nn.Module):
 
 
 class OverlapPatchEmbed(nn.Module):
-    """Overlapping strided conv then LN: (B, C_in, H, W) -> tokens (B, H/s * W/s, C) and (H/s, W/s)."""
+    """Overlapping strided conv then LN: (B, C_in, H, W) -> tokens (B, H/s * W/s, C).
 
-    def __init__(self, in_chs: int, dim: int, kernel: int, stride: int, norm_eps: float = 1e-6):
+    The LN has torch's default eps 1e-5, as the official ``OverlapPatchEmbed`` (the blocks'
+    and stage norms use the model's ``norm_eps``, 1e-6).
+    """
+
+    def __init__(self, in_chs: int, dim: int, kernel: int, stride: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chs, dim, kernel, stride, padding=kernel // 2)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)
-        return self.norm(rearrange(x, "b c y x -> b (y x) c")), tuple(x.shape[-2:])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
 class TransNeXtStage(nn.Module):
@@ -295,7 +326,8 @@ class TransNeXtStage(nn.Module):
                  norm_eps: float, fixed_pool_size: int | None):
         super().__init__()
         self.grad_checkpointing = False
-        self.grid = tuple(_conv_out(s, kernel, stride) for s in in_grid)
+        self.in_grid = (in_grid[0], in_grid[1])
+        self.grid = (_conv_out(in_grid[0], kernel, stride), _conv_out(in_grid[1], kernel, stride))
         pretrain_grid = tuple(_conv_out(s, kernel, stride) for s in pretrain_grid)
         if sr_ratio == 1:
             key_grid = self.grid
@@ -307,24 +339,20 @@ class TransNeXtStage(nn.Module):
         self.register_buffer("relative_pos_index", rel_index, persistent=False)
         self.register_buffer("relative_coords_table", rel_table, persistent=False)
 
-        self.patch_embed = OverlapPatchEmbed(in_chs, dim, kernel, stride, norm_eps)
+        self.patch_embed = OverlapPatchEmbed(in_chs, dim, kernel, stride)
         self.blocks = nn.ModuleList([
             Block(dim, num_heads, self.grid, window_size, mlp_ratio, qkv_bias, proj_drop, attn_drop,
                   drop_path[i], norm_eps, sr_ratio, fixed_pool_size) for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = self.patch_embed(x)  # (B, N, C)
-        if size != self.grid:
-            raise ValueError(f"this TransNeXt stage was built for a {self.grid[0]}x{self.grid[1]} token grid "
-                             f"but got {size[0]}x{size[1]}: its position biases are fixed by img_size, so "
-                             f"create the model with img_size equal to the input resolution")
+        x = self.patch_embed(check_map_size(x, self.in_grid))  # (B, N, C)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, size, self.relative_pos_index, self.relative_coords_table)
+                x = checkpoint(blk, x, self.grid, self.relative_pos_index, self.relative_coords_table)
             else:
-                x = blk(x, size, self.relative_pos_index, self.relative_coords_table)
-        return rearrange(self.norm(x), "b (y x) c -> b c y x", y=size[0])
+                x = blk(x, self.grid, self.relative_pos_index, self.relative_coords_table)
+        return _tokens_to_map(self.norm(x), self.grid)
 
 
 class TransNeXt(StagedBackbone):
@@ -436,7 +464,7 @@ def _cfg(**kwargs) -> dict:
     return dict(dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.95,
                      interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                      first_conv="stages.0.patch_embed.proj", classifier="head.fc", license="apache-2.0",
-                     paper_ids="arXiv:2311.17132"), **kwargs)
+                     paper_ids="arXiv:2311.17132", fixed_input_size=True), **kwargs)
 
 
 # no weight location: official ImageNet-1k checkpoints load with load_official(name, path)

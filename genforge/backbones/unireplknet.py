@@ -27,6 +27,8 @@ Implemented here (image models A/F/P/N/T of the official ``unireplknet.py``):
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -79,7 +81,13 @@ def _depthwise(channels: int, kernel_size: int, bias: bool, dilation: int = 1) -
 
 
 class DilatedReparamBlock(nn.Module):
-    """K x K depthwise conv + BN, plus parallel dilated depthwise convs + BN, summed."""
+    """K x K depthwise conv + BN, plus parallel dilated depthwise convs + BN, summed.
+
+    Branch (k, r) is ``dilated[f"k{k}_{r}"]`` = (``conv``, ``bn``); the official keys
+    ``dil_conv_k{k}_{r}`` / ``dil_bn_k{k}_{r}`` convert to it by renaming.
+    """
+
+    __constants__ = ['deploy']  # TorchScript compiles only the structure this block has
 
     def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
         super().__init__()
@@ -91,17 +99,18 @@ class DilatedReparamBlock(nn.Module):
         self.lk_origin = _depthwise(channels, kernel_size, bias=deploy)
         if not deploy:
             self.origin_bn = nn.BatchNorm2d(channels)
-            for k, r in self.branches:
-                setattr(self, f"dil_conv_k{k}_{r}", _depthwise(channels, k, bias=False, dilation=r))
-                setattr(self, f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
+            self.dilated = nn.ModuleDict({f"k{k}_{r}": nn.Sequential(OrderedDict(
+                conv=_depthwise(channels, k, bias=False, dilation=r), bn=nn.BatchNorm2d(channels)))
+                for k, r in self.branches})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.lk_origin(x)
-        out = self.origin_bn(self.lk_origin(x))
-        for k, r in self.branches:
-            out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
-        return out
+        else:
+            out = self.origin_bn(self.lk_origin(x))
+            for branch in self.dilated.values():
+                out = out + branch(x)
+            return out
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -110,14 +119,12 @@ class DilatedReparamBlock(nn.Module):
             return
         weight, bias = fuse_bn(self.lk_origin.weight, None, self.origin_bn)
         size = weight.shape[-1]
-        for k, r in self.branches:
-            w, b = fuse_bn(getattr(self, f"dil_conv_k{k}_{r}").weight, None, getattr(self, f"dil_bn_k{k}_{r}"))
-            w = dilated_to_dense_kernel(w, r)
+        for branch in self.dilated.values():
+            w, b = fuse_bn(branch.conv.weight, None, branch.bn)
+            w = dilated_to_dense_kernel(w, branch.conv.dilation[0])
             pad = (size - w.shape[-1]) // 2
             weight, bias = weight + F.pad(w, [pad] * 4), bias + b
-            delattr(self, f"dil_conv_k{k}_{r}")
-            delattr(self, f"dil_bn_k{k}_{r}")
-        del self.origin_bn
+        del self.origin_bn, self.dilated
         self.lk_origin = _depthwise(weight.shape[0], size, bias=True).to(weight)
         self.lk_origin.weight.copy_(weight)
         self.lk_origin.bias.copy_(bias)
@@ -298,13 +305,17 @@ class UniRepLKNet(StagedBackbone):
         return {n for n, _ in self.named_parameters() if n.endswith(('grn.gamma', 'grn.beta'))}
 
 
+_DILATED_KEY = re.compile(r'\.dil_(conv|bn)_k(\d+)_(\d+)\.')
+
+
 @register_official_converter("gf_unireplknet")
 def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Official ``unireplknet.py`` keys (training or deploy structure) -> ours, by renaming only.
 
     The stage layout maps by :func:`~genforge.backbones.staged.convnext_layout_key`; inside a
     block ``se.down/up`` -> ``se.fc1/fc2``, ``pwconv1.1`` -> ``pwconv1``, ``act.1`` -> ``grn``,
-    ``pwconv2.0`` -> ``pwconv2``, ``pwconv2.2`` -> ``norm2``.
+    ``pwconv2.0`` -> ``pwconv2``, ``pwconv2.2`` -> ``norm2``, ``dil_{conv,bn}_k{k}_{r}`` ->
+    ``dilated.k{k}_{r}.{conv,bn}``.
     """
     block_renames = (('.se.down.', '.se.fc1.'), ('.se.up.', '.se.fc2.'), ('.pwconv1.1.', '.pwconv1.'),
                      ('.act.1.', '.grn.'), ('.pwconv2.0.', '.pwconv2.'), ('.pwconv2.2.', '.norm2.'))
@@ -314,6 +325,7 @@ def convert_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
         if key.startswith('stages.') and '.blocks.' in key:
             for old, new in block_renames:
                 key = key.replace(old, new)
+            key = _DILATED_KEY.sub(r'.dilated.k\2_\3.\1.', key)
         out[key] = value
     return out
 

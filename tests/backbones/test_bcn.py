@@ -38,8 +38,8 @@ def test_nano_honours_the_timm_contract(timm_contract):
     timm_contract("gf_resnet_nano_ws_bcn", img_size=32)
 
 
-def test_nano_loss_falls_over_a_few_sgd_steps(loss_falls):
-    loss_falls("gf_resnet_nano_ws_bcn", img_size=64, labels=(0, 1), steps=2, optimizer=torch.optim.SGD, lr=0.01)
+def test_nano_loss_falls_on_digits_over_sgd_steps(loss_falls):
+    loss_falls("gf_resnet_nano_ws_bcn", img_size=32, optimizer=torch.optim.SGD, lr=0.05)
 
 
 def test_bcn_is_batch_norm_then_channel_norm_with_a_per_group_affine():

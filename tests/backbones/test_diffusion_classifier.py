@@ -173,7 +173,7 @@ def test_the_method_trains_a_head_on_a_saved_pipeline(saved_pipeline, tmp_path):
     losses = [json.loads(line)["loss"] for line in (result.output_dir / "train_log.jsonl").read_text().splitlines()]
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.3 and 0 <= metrics["test_ece"] <= 1
+    assert metrics["test_accuracy"] > 0.3
     assert metrics["num_trainable_params"] == 4 * 32 * 10 + 10  # a linear probe on 2x2 pooled 32-d tokens
     saved = load_file(str(result.output_dir / "model.safetensors"))
     pipe = DiMRPipeline.from_pretrained(saved_pipeline)

@@ -24,8 +24,8 @@ def test_nano_honours_the_timm_contract(timm_contract):
     timm_contract("gf_hornet_nano", img_size=32)
 
 
-def test_nano_trains_one_step(loss_falls):
-    loss_falls("gf_hornet_nano", img_size=32, labels=(0, 2), steps=1, optimizer=torch.optim.SGD, lr=0.1)
+def test_nano_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_hornet_nano", img_size=32, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 @pytest.mark.parametrize("dim", [64, 128, 512])

@@ -26,8 +26,8 @@ def test_nano_honours_the_timm_contract(timm_contract, name):
     timm_contract(name, img_size=32)
 
 
-def test_nano_loss_falls_over_a_few_sgd_steps(loss_falls):
-    loss_falls("gf_resnet_nano_ibn_a", img_size=64, labels=(0, 1), steps=2, optimizer=torch.optim.SGD, lr=0.01)
+def test_nano_loss_falls_on_digits_over_sgd_steps(loss_falls):
+    loss_falls("gf_resnet_nano_ibn_a", img_size=32, optimizer=torch.optim.SGD, lr=0.05)
 
 
 @pytest.mark.parametrize("planes", [64, 128, 7])

@@ -24,8 +24,8 @@ def test_nano_honours_the_timm_contract(timm_contract, name):
     timm_contract(name, img_size=32)
 
 
-def test_randformer_nano_loss_falls_over_a_few_adamw_steps(loss_falls):
-    loss_falls("gf_randformer_nano", img_size=32, labels=(0, 1), steps=2, optimizer=torch.optim.AdamW, lr=1e-3)
+def test_randformer_nano_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_randformer_nano", img_size=32, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 def test_identityformer_token_mixer_is_the_identity(meta_model):

@@ -19,13 +19,13 @@ from genforge.backbones.moat import MBConvBlock, MoatBlock, RelativePositionBias
 def test_moat_block_is_mbconv_then_attention_with_no_mlp_after_it(randomise_running_stats):
     torch.manual_seed(0)
     block = randomise_running_stats(MoatBlock(16, 16, stride=1, head_size=8, pos_embed_size=4))
-    assert {name for name, _ in block.named_children()} == {"mbconv", "attn_norm", "attn", "rel_pos", "drop_path"}
+    assert {name for name, _ in block.named_children()} == {"mbconv", "norm", "attn", "rel_pos", "drop_path"}
     assert isinstance(block.mbconv.se, nn.Identity), "the MBConv inside a MOAT block has no SE"
     x = torch.randn(2, 16, 4, 4)
     with torch.no_grad():
         m = block.mbconv(x)
         tokens = m.flatten(2).transpose(1, 2)                           # (B, HW, C)
-        attn = block.attn(block.attn_norm(tokens), mask=block.rel_pos(4, 4)[None])
+        attn = block.attn(block.norm(tokens), attn_mask=block.rel_pos(4, 4)[None])
         expected = (tokens + attn).transpose(1, 2).reshape_as(m)
         torch.testing.assert_close(block(x), expected)
 
@@ -85,7 +85,7 @@ def test_attention_equals_a_naive_softmax_with_relative_position_bias():
         q, k, v = block.attn.qkv(x).reshape(2, h * w, 3, heads, d).permute(2, 0, 3, 1, 4)
         weights = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + bias, dim=-1)
         expected = block.attn.proj((weights @ v).transpose(1, 2).reshape(2, h * w, 16))
-        got = block.attn(x, mask=block.rel_pos(h, w)[None])
+        got = block.attn(x, attn_mask=block.rel_pos(h, w)[None])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -102,8 +102,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_moat_nano", img_size=64)
 
 
-def test_a_few_training_steps_lower_the_loss(loss_falls):
-    loss_falls("gf_moat_nano", img_size=64, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
+def test_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_moat_nano", img_size=64, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # deeplab2 g3doc/projects/moat_imagenet_pretrained_checkpoints.md (models with position embedding)
@@ -117,10 +117,7 @@ def test_paper_parameter_counts(meta_param_count, name):
     assert abs(count - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, count
 
 
-def test_paper_configs_keep_tf_bn_momentum_and_the_nano_reaches_its_batch_statistics_in_a_short_run():
-    with torch.device("meta"):
-        paper = timm.create_model("gf_moat_0")
-    assert {m.momentum for m in paper.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+def test_nano_running_statistics_reach_its_batch_statistics_in_a_short_run():
     torch.manual_seed(0)
     model = timm.create_model("gf_moat_nano", num_classes=3, in_chans=1).train()
     x = torch.randn(16, 1, 32, 32)

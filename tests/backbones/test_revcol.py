@@ -45,6 +45,10 @@ def test_nano_honours_the_timm_contract(timm_contract):
     timm_contract("gf_revcol_nano", img_size=32)
 
 
+def test_nano_loss_falls_on_digits_with_the_reversible_backward(loss_falls):
+    loss_falls("gf_revcol_nano", img_size=32, optimizer=torch.optim.AdamW, lr=3e-3, batch_size=32)
+
+
 def test_reversible_backward_gives_plain_autograd_gradients_with_drop_path():
     model = _randomised(RevCol(**NANO, num_columns=4, drop_path_rate=0.5).double()).train()
     x = torch.randn(2, 3, 32, 32, dtype=torch.double, requires_grad=True)

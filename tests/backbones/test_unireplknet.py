@@ -55,13 +55,13 @@ def test_dilated_reparam_block_is_a_large_conv_plus_dilated_branches_each_with_b
     block = DilatedReparamBlock(4, 13)
     assert block.lk_origin.kernel_size == (13, 13) and block.lk_origin.bias is None
     for k, r in ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5)):
-        conv = getattr(block, f"dil_conv_k{k}_{r}")
+        conv = block.dilated[f"k{k}_{r}"].conv
         assert conv.kernel_size == (k, k) and conv.dilation == (r, r) and conv.groups == 4
-        assert isinstance(getattr(block, f"dil_bn_k{k}_{r}"), nn.BatchNorm2d)
+        assert isinstance(block.dilated[f"k{k}_{r}"].bn, nn.BatchNorm2d)
     x = torch.randn(2, 4, 15, 15)
     block = as_trained(block)
     branches = block.origin_bn(block.lk_origin(x)) + sum(
-        getattr(block, f"dil_bn_k{k}_{r}")(getattr(block, f"dil_conv_k{k}_{r}")(x)) for k, r in block.branches)
+        block.dilated[f"k{k}_{r}"].bn(block.dilated[f"k{k}_{r}"].conv(x)) for k, r in block.branches)
     torch.testing.assert_close(block(x), branches)
 
 
@@ -122,8 +122,8 @@ def test_timm_contract(timm_contract):
     timm_contract("gf_unireplknet_nano", img_size=32)
 
 
-def test_a_few_training_steps_lower_the_loss(loss_falls):
-    loss_falls("gf_unireplknet_nano", img_size=32, labels=(0, 1, 2, 0), steps=5, optimizer=torch.optim.AdamW, lr=3e-3)
+def test_loss_falls_on_digits(loss_falls):
+    loss_falls("gf_unireplknet_nano", img_size=32, optimizer=torch.optim.AdamW, lr=3e-3)
 
 
 # Official README (AILab-CVC/UniRepLKNet) ImageNet-1k table; these are counts of the fused
@@ -154,8 +154,10 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
     ours = model.state_dict()
     torch.testing.assert_close(ours["stem.3.weight"], state["downsample_layers.0.3.weight"])
     torch.testing.assert_close(ours["stages.2.downsample.0.weight"], state["downsample_layers.2.0.weight"])
-    torch.testing.assert_close(ours["stages.1.blocks.0.dwconv.dil_conv_k7_2.weight"],
+    torch.testing.assert_close(ours["stages.1.blocks.0.dwconv.dilated.k7_2.conv.weight"],
                                state["stages.1.0.dwconv.dil_conv_k7_2.weight"])
+    torch.testing.assert_close(ours["stages.1.blocks.0.dwconv.dilated.k7_2.bn.running_var"],
+                               state["stages.1.0.dwconv.dil_bn_k7_2.running_var"])
     torch.testing.assert_close(ours["stages.3.blocks.1.norm2.running_var"], state["stages.3.1.pwconv2.2.running_var"])
     torch.testing.assert_close(ours["head.fc.weight"], state["head.weight"])
 
