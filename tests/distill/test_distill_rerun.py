@@ -160,6 +160,13 @@ def _damage(tmp_path, what):
         path = tmp_path / "teacher.safetensors"
         save_file({"w": torch.zeros(3)}, str(path))
         return path, ["--set", f"distill.teacher={path}"]
+    if what == "cached teacher":
+        real = genforge.distill.load_real("digits")[0]
+        name = f"teacher-{settings_digest(teacher_settings(real, DWAOptions(**DWA), 0))}.safetensors"
+        path = tmp_path / "run" / name
+        path.parent.mkdir()
+        path.write_bytes(b"\x00" * 40)
+        return path, []
     path = tmp_path / "run" / ("distill_state.safetensors" if what == "matching state" else "dwa_batches/ipc_0.safetensors")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x00" * 40)
@@ -167,7 +174,7 @@ def _damage(tmp_path, what):
 
 
 @pytest.mark.parametrize("what", ["teacher file (pickled code)", "teacher file (truncated)",
-                                  "teacher file (other network)", "matching state", "DWA batch"])
+                                  "teacher file (other network)", "matching state", "DWA batch", "cached teacher"])
 def test_damaged_files_are_one_line_errors_naming_them(tmp_path, capsys, what):
     path, extra = _damage(tmp_path, what)
     method = "dm" if what == "matching state" else "dwa"
@@ -175,6 +182,18 @@ def test_damaged_files_are_one_line_errors_naming_them(tmp_path, capsys, what):
     assert str(path) in err
     assert not (tmp_path / "ran").exists()  # the pickled code never ran
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    err = one_line_error(capsys, main(["distill", recipe(tmp_path), "--no-progress"]))
+    assert f"output_dir '{tmp_path / 'run'}' is a file" in err
+
+
+def test_resume_with_nothing_saved_is_refused(tmp_path, capsys):
+    err = one_line_error(capsys, main(["distill", recipe(tmp_path, "dwa"), "--no-progress", "--resume"]))
+    assert "resume=True but there is no distillation state in" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_damaged_synthetic_set_is_named(tmp_path):

@@ -211,6 +211,13 @@ def test_a_foreign_shard_is_refused_when_building_and_before_a_student_trains(bu
         run_reinforce_recipe(_recipe(teacher, mixed), progress=False)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_work(built, tmp_path, monkeypatch):
+    (tmp_path / "out").write_text("")
+    _refuse_teachers(monkeypatch)
+    with pytest.raises(ValueError, match="output directory .*out' is a file"):
+        run_reinforce_recipe(_recipe(built[0], tmp_path / "out"), progress=False)
+
+
 def test_a_damaged_shard_is_named_before_a_student_trains(built, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(built[1], damaged)
