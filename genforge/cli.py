@@ -2,8 +2,9 @@
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
-- ``genforge distill RECIPE [--resume]`` distils a dataset into a synthetic set, draws it and
-  evaluates it with the field's protocol (the same as ``python -m genforge.distill``);
+- ``genforge distill RECIPE [--resume | --auto-resume | --overwrite]`` distils a dataset into a
+  synthetic set, draws it and evaluates it with the field's protocol (the same as
+  ``python -m genforge.distill``); a rerun over a run's saved state needs one of the three;
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
   ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);

@@ -6,7 +6,8 @@ is callable: calling it calls :func:`genforge.distill.api.distill`);
 RECIPE`` does both from a YAML recipe. Module map: ``data`` (real pool), ``synthetic`` (the
 set), ``networks`` (ConvNet-D1..4), ``dsa``, ``zca``, ``fyi``, ``matching`` (the loop of DM
 and DataDAM), ``dm``, ``datadam``, ``dwa``, ``evaluate``, ``seeding`` (per-class, per-iteration
-random streams), ``api`` (``distill``), ``recipe`` (recipes and the run).
+random streams), ``state`` (what a run keeps: refused reruns, atomic saves, recorded
+settings), ``api`` (``distill``), ``recipe`` (recipes and the run).
 """
 
 import sys

@@ -1,7 +1,10 @@
-"""Command line: ``python -m genforge.distill RECIPE [--resume] [--output-dir D] [--set KEY=VALUE]``.
+"""Command line: ``python -m genforge.distill RECIPE [--resume | --auto-resume | --overwrite]
+[--output-dir D] [--set KEY=VALUE]``.
 
 The same as ``genforge distill``; under ``accelerate launch -m genforge.distill RECIPE`` the
-processes split the work. Recipe problems exit with status 2 and a one-line message.
+processes split the work. A rerun over an earlier run's saved state needs ``--resume`` (or
+``--auto-resume``) or ``--overwrite``. Recipe problems, damaged files and refused reruns exit
+with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genforge distill", description="Distil a dataset from a recipe, "
                                      "save the synthetic set and its grid, and evaluate it.")
     parser.add_argument("recipe", help="YAML distillation recipe (recipes/distill/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run from its saved state")
+    rerun = parser.add_mutually_exclusive_group()
+    rerun.add_argument("--resume", action="store_true", help="continue a killed run from its saved state "
+                       "(error if there is none)")
+    rerun.add_argument("--auto-resume", action="store_true", help="continue from the saved state if there is one")
+    rerun.add_argument("--overwrite", action="store_true", help="start again, deleting an earlier run's saved "
+                       "state and outputs in output_dir")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set distill.ipc=1 (repeatable)")
@@ -31,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["output_dir"] = args.output_dir
     try:
         recipe = load_distill_recipe(args.recipe, overrides)
-        metrics = run_distill_recipe(recipe, resume=args.resume, progress=not args.no_progress)
+        metrics = run_distill_recipe(recipe, resume="auto" if args.auto_resume else args.resume,
+                                     overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
+        print(f"error: {first}", file=sys.stderr)
         return 2
     if metrics:
         print(f"{metrics['method']}{' + FYI' if metrics['flip'] else ''} ipc={metrics['ipc']}: test accuracy "

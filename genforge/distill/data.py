@@ -9,12 +9,14 @@ class-balanced sampling. The test set is transformed with the train statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from genforge.data import build_dataset
+from genforge.distill.state import tensors_digest
 from genforge.distill.zca import ZCA
 
 __all__ = ["Normalisation", "RealData", "load_real"]
@@ -92,6 +94,12 @@ class RealData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the images (in this space), labels and class count: which data a saved state was made from."""
+        return tensors_digest({"images": self.images, "labels": self.labels,
+                               "num_classes": torch.tensor(self.num_classes)})
 
     def class_count(self, c: int) -> int:
         return len(self.indices_by_class[c])

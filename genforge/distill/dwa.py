@@ -26,13 +26,13 @@ probabilities on the final images.
 from __future__ import annotations
 
 import copy
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -42,9 +42,10 @@ from genforge.distill.evaluate import EvalOptions, train_network
 from genforge.distill.fyi import flip_concat
 from genforge.distill.networks import build_convnet
 from genforge.distill.seeding import INIT_STREAM, stream, stream_seed
+from genforge.distill.state import check_settings, read_safetensors, save_safetensors, tensors_digest
 
 __all__ = ["BNStatisticsLoss", "DWAOptions", "directed_weight_adjustment", "distill_dwa", "load_teacher",
-           "recover_batch", "train_teacher"]
+           "recover_batch", "teacher_training", "train_teacher"]
 
 
 @dataclass
@@ -159,15 +160,19 @@ def recover_batch(teacher: nn.Module, init: Tensor, targets: Tensor, options: DW
     return x.detach()
 
 
+def teacher_training(options: DWAOptions) -> EvalOptions:
+    """How the teacher is trained: the evaluation recipe for ``teacher_epochs``, batches of 256."""
+    return EvalOptions(epochs=options.teacher_epochs, batch_size=256)
+
+
 def train_teacher(real: RealData, options: DWAOptions, seed: int, *, progress: bool = True) -> nn.Module:
     """The squeeze step: a ConvNetBN trained on the real train set with the evaluation recipe
     (VICO's loop, so ``teacher_epochs`` + 1 passes)."""
     channels, size = real.image_shape[0], real.image_shape[1]
     net = build_convnet(channels, real.num_classes, size, width=options.teacher_width,
                         depth=options.teacher_depth, norm="batchnorm", seed=stream_seed(seed, 1 << 23))
-    recipe = EvalOptions(epochs=options.teacher_epochs, batch_size=256)
     with tqdm(total=1, desc="training the teacher", disable=not progress) as bar:
-        train_network(net, real.images, real.labels, recipe, stream(seed, 1 << 24))
+        train_network(net, real.images, real.labels, teacher_training(options), stream(seed, 1 << 24))
         bar.update()
     return net.eval()
 
@@ -192,8 +197,10 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
                 progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Images, hard labels and teacher soft labels of batches ``ipc_ids`` (default ``range(ipc)``).
 
-    Each finished batch is written to ``<output_dir>/dwa_batches/ipc_<k>.safetensors``;
-    ``resume=True`` reuses the batches already there.
+    Each finished batch is written to ``<output_dir>/dwa_batches/ipc_<k>.safetensors`` with
+    the settings that made it (seed, flip, the recover options, the sha256 of the teacher's
+    weights and of the real data); ``resume=True`` reuses the batches already there and
+    refuses one made with other settings, naming the keys.
     """
     options.check()
     if real.zca is not None:
@@ -204,11 +211,16 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
     box = _pixel_box(real)
     targets = torch.arange(real.num_classes)
     batches = Path(output_dir) / "dwa_batches" if output_dir is not None else None
+    recover = {k: v for k, v in asdict(options).items() if k != "temperature" and not k.startswith("teacher_")}
+    tag = {"seed": seed, "flip": flip, "options": recover, "data": real.fingerprint,
+           "teacher": tensors_digest(teacher.state_dict())}
     images = []
     for ipc_id in tqdm(ipc_ids, desc=f"DWA rho={options.rho:g}", disable=not progress):
         file = batches / f"ipc_{ipc_id}.safetensors" if batches is not None else None
         if resume and file is not None and file.is_file():
-            images.append(load_file(str(file))["images"])
+            tensors, meta = read_safetensors(file, "DWA batch")
+            check_settings(file, json.loads(meta["run"]) if "run" in meta else None, tag)
+            images.append(tensors["images"])
             continue
         # batch k starts from the k-th image of each class's seeded draw: the images the random
         # subset of the same seed holds, distinct across batches
@@ -216,10 +228,7 @@ def distill_dwa(real: RealData, teacher: nn.Module, options: DWAOptions, *, ipc:
                             for c in range(real.num_classes)])
         batch = recover_batch(teacher, init, targets, options, box, stream(seed, ipc_id), flip=flip)
         if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(file.name + ".tmp")
-            save_file({"images": batch.contiguous()}, str(tmp))
-            tmp.replace(file)
+            save_safetensors(file, {"images": batch}, metadata={"run": json.dumps(tag, sort_keys=True)})
         images.append(batch)
     x = torch.stack(images, dim=1).flatten(0, 1)  # class-major: (K * len(ipc_ids), C, H, W)
     labels = targets.repeat_interleave(len(ipc_ids))

@@ -14,20 +14,19 @@ Classes are independent given the network when the norm is per-sample (instance 
 none), so ``classes`` lets several processes each distil a share of them; with batch norm
 all classes share the batch statistics and must be distilled by one process.
 Every ``checkpoint_every`` iterations the images and the optimiser state are written
-atomically to ``<output_dir>/distill_state.safetensors``; ``resume=True`` continues from it
-(possibly to a larger ``iterations``; any other changed setting is refused).
+atomically to ``<output_dir>/distill_state.safetensors`` with the run's settings and the
+sha256 of the real data; ``resume=True`` continues from it (possibly to a larger
+``iterations``; any other changed setting, or other data, is refused, naming the keys).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -36,6 +35,7 @@ from genforge.distill.dsa import DSA, check_strategy
 from genforge.distill.fyi import flip_concat
 from genforge.distill.networks import ConvNet, ConvNetConfig, build_convnet
 from genforge.distill.seeding import NET, stream, stream_seed
+from genforge.distill.state import check_settings, read_safetensors, save_safetensors
 from genforge.distill.synthetic import initial_images
 
 __all__ = ["MatchingOptions", "Objective", "class_means", "distill_by_matching"]
@@ -83,30 +83,20 @@ def _state_file(output_dir: Path) -> Path:
 
 
 def _save_state(output_dir: Path, images: Tensor, optimizer: torch.optim.SGD, iteration: int, tag: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
     buffer = optimizer.state[images].get("momentum_buffer")
-    tensors = {"images": images.detach().contiguous()}
+    tensors = {"images": images}
     if buffer is not None:
-        tensors["momentum_buffer"] = buffer.contiguous()
-    final = _state_file(output_dir)
-    tmp = final.with_name(final.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"iteration": str(iteration), "run": json.dumps(tag, sort_keys=True)})
-    os.replace(tmp, final)
+        tensors["momentum_buffer"] = buffer
+    save_safetensors(_state_file(output_dir), tensors,
+                     metadata={"iteration": str(iteration), "run": json.dumps(tag, sort_keys=True)})
 
 
 def _load_state(output_dir: Path, images: Tensor, optimizer: torch.optim.SGD, tag: dict) -> int:
-    from safetensors import safe_open
-
     file = _state_file(output_dir)
     if not file.is_file():
         raise FileNotFoundError(f"resume=True but there is no distillation state at {file}")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata()
-    saved = json.loads(meta["run"])
-    if saved != json.loads(json.dumps(tag, sort_keys=True)):
-        diff = {k: (saved.get(k), v) for k, v in tag.items() if saved.get(k) != v}
-        raise ValueError(f"{file} belongs to a different run; differing settings (saved, now): {diff}")
-    tensors = load_file(str(file))
+    tensors, meta = read_safetensors(file, "distillation state")
+    check_settings(file, json.loads(meta["run"]) if "run" in meta else None, tag)
     if tensors["images"].shape != images.shape:
         raise ValueError(f"{file} holds images {tuple(tensors['images'].shape)}, expected {tuple(images.shape)}")
     with torch.no_grad():
@@ -133,7 +123,7 @@ def distill_by_matching(real: RealData, objective: Objective, options: MatchingO
     channels, size = real.image_shape[0], real.image_shape[1]
     output_dir = Path(output_dir) if output_dir is not None else None
     settings = {k: v for k, v in asdict(options).items() if k not in ("iterations", "checkpoint_every")}
-    tag = dict(run_tag or {}, ipc=ipc, seed=seed, flip=flip, classes=classes, options=settings)
+    tag = dict(run_tag or {}, ipc=ipc, seed=seed, flip=flip, classes=classes, options=settings, data=real.fingerprint)
     start = _load_state(output_dir, images, optimizer, tag) if resume and output_dir is not None else 0
 
     bar = tqdm(range(start, options.iterations), desc=desc, disable=not progress, initial=start,

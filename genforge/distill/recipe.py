@@ -9,7 +9,10 @@ loads, the engine options against the engine's own dataclass.
 Under ``accelerate launch`` each process distils a share (classes for DM/DataDAM, batches
 for DWA), writes it to ``parts/``, and the main process merges, saves and evaluates. The
 run writes ``synthetic_set.safetensors``, ``synthetic_grid.png`` (one row per class),
-``metrics.json`` and the resolved ``recipe.yaml``; ``--resume`` continues a killed run.
+``metrics.json`` and the resolved ``recipe.yaml``. ``--resume`` continues a killed run
+(``--auto-resume``: when there is one); a rerun without it over a directory holding an
+earlier run's state is refused before any work, unless ``--overwrite`` says to start again
+(:func:`genforge.distill.state.prepare_output_dir`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from pathlib import Path
 import yaml
 
 from genforge.config import ConfigError, dataclass_from_mapping, read_yaml
-from genforge.data import dataset_names
-from genforge.distill.api import ENGINE_OPTIONS, distill, resolve_teacher
+from genforge.data import check_dataset, dataset_names
+from genforge.distill.api import ENGINE_OPTIONS, check_run, distill, resolve_teacher
 from genforge.distill.data import load_real
 from genforge.distill.evaluate import EvalOptions, evaluate_synthetic
+from genforge.distill.state import prepare_output_dir
 from genforge.distill.synthetic import SyntheticSet
 
 __all__ = ["DistillRecipe", "load_distill_recipe", "run_distill_recipe"]
@@ -72,6 +76,9 @@ def recipe_from_mapping(raw, source: str = "<dict>", overrides: dict | None = No
         raise ConfigError(f"{source}: unknown method {recipe.method!r}; known: {sorted(ENGINE_OPTIONS)}")
     if recipe.data.name not in dataset_names():
         raise ConfigError(f"{source}: unknown dataset 'data.name': {recipe.data.name!r}; known: {dataset_names()}")
+    if recipe.method == "dwa" and recipe.data.zca:
+        raise ConfigError(f"{source}: data.zca: DWA clips pixels to the [0, 1] box in normalised space and cannot "
+                          "run on ZCA-whitened data; set data.zca: false")
     try:
         dataclass_from_mapping(ENGINE_OPTIONS[recipe.method], recipe.distill.options, source,
                                section="distill.options").check()
@@ -89,17 +96,31 @@ def load_distill_recipe(path, overrides: dict | None = None) -> DistillRecipe:
     return recipe_from_mapping(read_yaml(path), source=str(path), overrides=overrides)
 
 
-def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress: bool = True) -> dict:
-    """Distil, save, draw and evaluate; returns the metrics written to ``metrics.json``."""
+def run_distill_recipe(recipe: DistillRecipe, *, resume: bool | str = False, overwrite: bool = False,
+                       progress: bool = True) -> dict:
+    """Distil, save, draw and evaluate; returns the metrics written to ``metrics.json``.
+
+    ``resume``: True, False or ``"auto"``; ``overwrite`` starts again over an earlier run's
+    state (see :func:`genforge.distill.state.prepare_output_dir`).
+    """
     import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets several CPU processes split a run
     out = Path(recipe.output_dir)
+    for key in ("root", "test_root"):  # the files a recipe names exist where it runs, not where it loads
+        try:
+            check_dataset(recipe.data.name, root=getattr(recipe.data, key), resize=recipe.data.resize)
+        except ValueError as err:
+            raise ConfigError(f"distill recipe: data.{key}: {err}") from None
+    if state.is_main_process or not overwrite:  # every process checks; only the main one deletes
+        prepare_output_dir(out, resume, overwrite)
+    state.wait_for_everyone()
     data = dataclasses.asdict(recipe.data)
     test_root, zca = data.pop("test_root"), data.pop("zca")
     name = data.pop("name")
     real, test = load_real(name, test_root=test_root, zca=zca, **data)
+    check_run(recipe.method, real, recipe.distill.ipc, flip=recipe.distill.flip)
     options = recipe.engine_options()
     show = progress and state.is_main_process
     teacher = None
@@ -115,7 +136,7 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool = False, progress:
     shard_dir = out if state.num_processes == 1 else out / f"shard_{state.process_index}"
     syn = distill(recipe.method, real, recipe.distill.ipc, seed=recipe.seed, flip=recipe.distill.flip,
                   teacher=teacher, shard=(state.process_index, state.num_processes), output_dir=shard_dir,
-                  resume=resume, progress=show, **dataclasses.asdict(options))
+                  resume="auto", progress=show, **dataclasses.asdict(options))  # out was checked above
     if state.num_processes > 1:
         syn.save(out / "parts" / f"part_{state.process_index}.safetensors")
         state.wait_for_everyone()

@@ -10,17 +10,16 @@ with ZCA, the whitening matrices needed to turn the images back into pictures.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from genforge.data.grid import save_class_grid
 from genforge.distill.data import Normalisation, RealData
 from genforge.distill.seeding import INIT_STREAM, stream
+from genforge.distill.state import read_safetensors, save_safetensors
 from genforge.distill.zca import ZCA
 
 __all__ = ["SyntheticSet", "initial_images"]
@@ -66,32 +65,21 @@ class SyntheticSet:
 
     def save(self, path: str | Path) -> None:
         """Write one safetensors file (atomically: a temporary name, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"images": self.images.detach().float().contiguous(), "labels": self.labels.long().contiguous()}
+        tensors = {"images": self.images.float(), "labels": self.labels.long()}
         if self.soft_labels is not None:
-            tensors["soft_labels"] = self.soft_labels.detach().float().contiguous()
+            tensors["soft_labels"] = self.soft_labels.float()
         if self.zca is not None:
-            tensors.update({k: v.contiguous() for k, v in self.zca.state().items()})
+            tensors.update(self.zca.state())
         meta = {"method": self.method, "ipc": self.ipc, "seed": self.seed,
                 "mean": list(self.normalisation.mean), "std": list(self.normalisation.std), "extra": self.extra}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        save_safetensors(path, tensors, metadata={_META_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"synthetic set not found: {path}")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        tensors, metadata = read_safetensors(path, "synthetic set")
         if _META_KEY not in metadata:
             raise ValueError(f"{path} is not a genforge synthetic set (no {_META_KEY!r} metadata)")
         meta = json.loads(metadata[_META_KEY])
-        tensors = load_file(str(path))
         zca = ZCA.from_state(tensors) if "zca_matrix" in tensors else None
         return cls(images=tensors["images"], labels=tensors["labels"], method=meta["method"], ipc=meta["ipc"],
                    seed=meta["seed"], normalisation=Normalisation(tuple(meta["mean"]), tuple(meta["std"])),

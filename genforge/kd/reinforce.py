@@ -28,8 +28,13 @@ pre-mixing transforms with its own parameters, stored as a pair (θ_img, θ_img2
 Storage: instead of the official one ``{idx}.pth.tar`` pickle per index, indices are grouped
 in shards of ``shard_size`` (safetensors, no pickled objects), written atomically (tmp file +
 rename) and listed in ``index.json`` after each shard, so an interrupted run resumes by
-skipping finished shards. ``manifest.json`` records the dataset name, size and class count,
-NS, k, the seed and the augmentation config; shards of another dataset are refused.
+skipping finished shards. ``manifest.json`` records the run's provenance: the dataset name,
+size and class count, NS, k, the seed, the shard size, the augmentation config and what the
+caller adds (``genforge reinforce`` adds the teachers with the sha256 of their weight files
+and the temperature); every shard carries the same record in its safetensors metadata. A
+resumed run refuses a directory whose manifest or any finished shard records other values,
+naming every differing key, and :meth:`ReinforcedDataset.check_complete` checks every shard's
+record and tensor shapes against the manifest before a student trains.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -50,7 +56,9 @@ from genforge.kd.augment import ReinforcePipeline
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_META = "genforge_reinforce"
+"""The safetensors metadata key under which every shard repeats the manifest."""
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -63,23 +71,128 @@ def _shard_name(shard: int) -> str:
     return f"shard_{shard:05d}.safetensors"
 
 
-def _check_manifest(
-    out_dir: Path, expected: dict[str, Any], keys: Sequence[str]
-) -> dict[str, Any]:
+def _differences(recorded: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> str:
+    """'key: recorded -> expected; ...' for the keys whose values differ ('' when none does)."""
+    return "; ".join(
+        f"{key}: {recorded.get(key)!r} -> {expected.get(key)!r}"
+        for key in keys
+        if recorded.get(key) != expected.get(key)
+    )
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: {out_dir} is not a reinforced dataset"
+        raise FileNotFoundError(f"{path} not found: {out_dir} is not a reinforced dataset")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not a reinforced-dataset manifest of format {FORMAT_VERSION} (found "
+            f"{manifest.get('format_version') if isinstance(manifest, dict) else manifest!r}); "
+            "rebuild the directory with genforge reinforce"
         )
-    manifest = json.loads(path.read_text())
-    for key in keys:
-        if manifest.get(key) != expected[key]:
-            raise ValueError(
-                f"{out_dir} was reinforced with {key}={manifest.get(key)!r}, "
-                f"but this run has {key}={expected[key]!r}; refusing to mix shards of "
-                "different datasets or settings"
-            )
     return manifest
+
+
+def _check_manifest(out_dir: Path, expected: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The directory's manifest; ValueError naming every key of ``keys`` it records otherwise."""
+    manifest = _read_manifest(out_dir)
+    diff = _differences(manifest, expected, keys)
+    if diff:
+        raise ValueError(
+            f"{out_dir} was reinforced with other settings ({diff}; recorded -> this run); "
+            "refusing to mix shards of different runs: use another output directory"
+        )
+    return manifest
+
+
+def _shard_record(path: Path) -> tuple[dict[str, Any] | None, dict[str, list[int]]]:
+    """(the provenance a shard's metadata records, its tensors' shapes); ValueError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(SHARD_META)
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"shard {path} is not a readable safetensors file ({err})") from None
+    return (json.loads(meta) if meta is not None else None), shapes
+
+
+def _check_shard(path: Path, manifest: dict[str, Any], rows: int) -> None:
+    """ValueError unless the shard records the manifest's provenance and holds its shapes."""
+    recorded, shapes = _shard_record(path)
+    if recorded is None:
+        raise ValueError(f"shard {path} records no provenance (metadata {SHARD_META!r}); rebuild the "
+                         "directory with genforge reinforce")
+    diff = _differences(recorded, manifest, sorted(recorded.keys() | manifest.keys()))
+    if diff:
+        raise ValueError(f"shard {path} comes from another run than {path.parent / MANIFEST} ({diff}; "
+                         "shard -> manifest); refusing to mix shards of different runs")
+    expected = [rows, manifest["num_samples"], manifest["top_k"]]
+    if shapes.get("values") != expected or shapes.get("ids") != expected or shapes.get("indices") != [rows]:
+        raise ValueError(f"shard {path} holds values {shapes.get('values')}, ids {shapes.get('ids')} and "
+                         f"indices {shapes.get('indices')}; its manifest needs {expected} (rows, NS, k)")
+
+
+def _shard_rows(manifest: dict[str, Any], shard: int) -> int:
+    size, shard_size = int(manifest["dataset_size"]), int(manifest["shard_size"])
+    return min(shard_size, size - shard * shard_size)
+
+
+def check_reinforced_dir(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[int]:
+    """The finished shards of ``out_dir`` if it holds the run ``manifest`` describes ([] if new).
+
+    ValueError, before any work, naming every key its manifest or any finished shard records
+    with another value than ``manifest``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is a file; a reinforced dataset is a directory")
+    if not (out / MANIFEST).exists():
+        return []
+    _check_manifest(out, manifest, sorted(manifest.keys() | _read_manifest(out).keys()))
+    done = finished_shards(out)
+    for shard in done:
+        _check_shard(out / _shard_name(shard), manifest, _shard_rows(manifest, shard))
+    return done
+
+
+def finished_shards(out: Path) -> list[int]:
+    """The shards ``index.json`` lists whose files exist."""
+    index_path = out / INDEX
+    listed = json.loads(index_path.read_text())["shards"] if index_path.exists() else []
+    return sorted(s for s in set(listed) if (out / _shard_name(s)).exists())
+
+
+def reinforce_manifest(
+    dataset_name: str,
+    dataset_size: int,
+    num_classes: int,
+    num_samples: int,
+    top_k: int,
+    seed: int,
+    shard_size: int,
+    pipeline: ReinforcePipeline,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record a reinforced directory's manifest and every shard carry (JSON values)."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset_name": dataset_name,
+        "dataset_size": dataset_size,
+        "num_classes": num_classes,
+        "num_samples": num_samples,
+        "top_k": top_k,
+        "seed": seed,
+        "shard_size": shard_size,
+        "pipeline": pipeline.config(),
+    }
+    clash = sorted(set(provenance or {}) & set(manifest))
+    if clash:
+        raise ValueError(f"provenance may not redefine {clash}")
+    return json.loads(json.dumps({**manifest, **(provenance or {})}, sort_keys=True))
 
 
 def reinforce(
@@ -96,6 +209,7 @@ def reinforce(
     max_shards: int | None = None,
     progress: bool = False,
     batch_size: int | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write NS augmentations and the teacher's top-k probabilities for every dataset index.
 
@@ -105,7 +219,9 @@ def reinforce(
     boundaries or on resuming. Finished shards listed in ``index.json`` whose files exist are
     skipped; ``max_shards`` stops after writing that many new shards. ``progress`` shows a
     tqdm bar over the shards; ``batch_size`` caps how many images the teacher sees at once
-    (default: a whole shard).
+    (default: a whole shard). ``provenance`` adds keys to the record every shard and the
+    manifest carry (the teachers, their weights' sha256 and the temperature: the teacher
+    callable itself cannot be recorded); a directory recording other values is refused.
     """
     if num_samples < 1 or top_k < 1 or shard_size < 1:
         raise ValueError(
@@ -115,34 +231,22 @@ def reinforce(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive or None, got {batch_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     size = len(dataset)
     if (out / MANIFEST).exists():
-        num_classes = int(json.loads((out / MANIFEST).read_text())["num_classes"])
+        num_classes = int(_read_manifest(out)["num_classes"])
     else:
         probe = pipeline.sample(dataset[0][0], torch.Generator().manual_seed(seed))[0]
         with torch.no_grad():
             num_classes = int(teacher(probe[None].to(device)).shape[-1])
     if top_k > num_classes:
         raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset_name": dataset_name or type(dataset).__name__,
-        "dataset_size": size,
-        "num_classes": num_classes,
-        "num_samples": num_samples,
-        "top_k": top_k,
-        "seed": seed,
-        "shard_size": shard_size,
-        "pipeline": pipeline.config(),
-    }
-    if (out / MANIFEST).exists():
-        _check_manifest(out, manifest, list(manifest))
-    else:
+    manifest = reinforce_manifest(dataset_name or type(dataset).__name__, size, num_classes, num_samples, top_k,
+                                  seed, shard_size, pipeline, provenance)
+    done = check_reinforced_dir(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():
         _write_json(out / MANIFEST, manifest)
     index_path = out / INDEX
-    done = json.loads(index_path.read_text())["shards"] if index_path.exists() else []
-    done = sorted(s for s in set(done) if (out / _shard_name(s)).exists())
     written = 0
     shards = range(math.ceil(size / shard_size))
     for shard in tqdm(shards, desc="reinforce", unit="shard", disable=not progress):
@@ -189,7 +293,7 @@ def reinforce(
             "params_len": torch.tensor([len(f) for f in flats]).reshape(n, num_samples),
         }
         tmp = out / (_shard_name(shard) + ".tmp")
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={SHARD_META: json.dumps(manifest, sort_keys=True)})
         os.replace(tmp, out / _shard_name(shard))
         done.append(shard)
         _write_json(index_path, {"shards": sorted(done)})
@@ -263,7 +367,12 @@ class ReinforcedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def check_complete(self) -> None:
-        """FileNotFoundError naming the shards that are missing or unfinished."""
+        """Every shard there, finished, and made by the run its manifest describes.
+
+        FileNotFoundError naming the shards that are missing or unfinished; ValueError naming
+        a shard whose recorded provenance (seed, teachers, NS, k, ...) differs from the
+        manifest's, or whose tensors do not have the manifest's (rows, NS, k) shapes.
+        """
         shards = math.ceil(len(self.dataset) / int(self.manifest["shard_size"]))
         missing = [
             s
@@ -275,6 +384,8 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                 f"{self.out_dir}: shards {missing} of {shards} are missing or unfinished; "
                 "rerun reinforce() (genforge reinforce RECIPE) on this directory to complete it"
             )
+        for shard in range(shards):
+            _check_shard(self.out_dir / _shard_name(shard), self.manifest, _shard_rows(self.manifest, shard))
 
     def _shard(self, shard: int) -> dict[str, torch.Tensor]:
         if shard not in self._cache:
@@ -284,7 +395,10 @@ class ReinforcedDataset(torch.utils.data.Dataset):
                     f"shard {shard} ({path}) is missing or unfinished; rerun reinforce() "
                     "on this directory to complete it"
                 )
-            self._cache[shard] = load_file(str(path))
+            try:
+                self._cache[shard] = load_file(str(path))
+            except SafetensorError as err:
+                raise ValueError(f"shard {path} is not a readable safetensors file ({err})") from None
         return self._cache[shard]
 
     def entries(self, idx: int) -> list[dict[str, Any]]:

@@ -14,9 +14,12 @@ recipe (``recipes/kd/reinforce_*.yaml``) names:
   :mod:`genforge.kd.augment`, applied in the registry's fixed order.
 
 Every key, transform and option is checked when the recipe loads; the teachers' class count
-is checked against the dataset before any image is augmented. A killed run resumes: rerunning
-the recipe skips the finished shards, and a directory of another dataset or other settings
-is refused. The run writes the shards, ``manifest.json``, ``reinforce_recipe.yaml`` and
+is checked against the dataset before any image is augmented. Every shard and the manifest
+record the run's provenance: the dataset, NS, k, the seed, the shard size, the transforms, the
+temperature and each teacher (timm name, kwargs and the sha256 of its weight file). A killed
+run resumes: rerunning the recipe skips the finished shards; a directory whose manifest or
+any finished shard records another value is refused before a teacher is loaded, naming
+every differing key. The run writes the shards, ``manifest.json``, ``reinforce_recipe.yaml`` and
 ``reinforced_grid.png`` (one row per image: the original, then its NS replayed
 augmentations). Any student recipe of the ``reinforced`` method then trains from the
 directory with no teacher in memory.
@@ -27,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import sys
 import time
 from collections.abc import Mapping
@@ -43,8 +45,9 @@ from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.kd.ensemble import TeacherEnsemble
 from genforge.kd.augment import ORDER, REGISTRY, RandomResizedCrop, ReinforcePipeline
-from genforge.kd.reinforce import INDEX, ReinforcedDataset, reinforce
-from genforge.kd.teachers import TeacherError, load_classifier
+from genforge.kd.reinforce import (ReinforcedDataset, check_reinforced_dir, finished_shards, reinforce,
+                                   reinforce_manifest)
+from genforge.kd.teachers import TeacherError, load_classifier, teacher_record
 
 __all__ = [
     "ReinforceRecipe",
@@ -175,12 +178,6 @@ def _save_grid(dataset, out: Path, tag: str, num_samples: int) -> Path:
     return path
 
 
-def _finished(out: Path) -> set[int]:
-    """The shards ``index.json`` lists as written."""
-    path = out / INDEX
-    return set(json.loads(path.read_text())["shards"]) if path.exists() else set()
-
-
 def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_shards: int | None = None) -> dict:
     """Reinforce the recipe's train split (resuming a killed run); returns a summary.
 
@@ -194,20 +191,25 @@ def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_sha
     if recipe.top_k > dataset.num_classes:
         raise ConfigError(f"reinforce recipe: top_k={recipe.top_k} exceeds the {dataset.num_classes} classes "
                           f"of dataset {recipe.data.name!r}")
+    out = Path(recipe.output_dir)
+    tag = dataset_tag(recipe.data, "train", dataset)
+    provenance = {"teachers": [teacher_record(source) for source in recipe.teachers],
+                  "temperature": recipe.temperature}
+    # a directory of another run is refused before any teacher is loaded
+    before = set(check_reinforced_dir(out, reinforce_manifest(
+        tag, len(dataset), dataset.num_classes, recipe.num_samples, recipe.top_k, recipe.seed, recipe.shard_size,
+        recipe.pipeline(), provenance)))
     teachers = [load_classifier(source, num_classes=dataset.num_classes, in_chans=dataset.channels)
                 for source in recipe.teachers]
     ensemble = TeacherEnsemble(teachers, temperature=recipe.temperature).to(device)
-    out = Path(recipe.output_dir)
-    tag = dataset_tag(recipe.data, "train", dataset)
     start = time.perf_counter()
-    before = _finished(out)
     reinforce(dataset, ensemble, out, recipe.pipeline(), num_samples=recipe.num_samples, top_k=recipe.top_k,
               seed=recipe.seed, shard_size=recipe.shard_size, dataset_name=tag, device=device,
-              max_shards=max_shards, progress=progress, batch_size=recipe.data.batch_size)
+              max_shards=max_shards, progress=progress, batch_size=recipe.data.batch_size, provenance=provenance)
     seconds = time.perf_counter() - start
     (out / "reinforce_recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     total = -(-len(dataset) // recipe.shard_size)
-    done = _finished(out)
+    done = set(finished_shards(out))
     summary = {"output_dir": str(out), "dataset_name": tag, "shards": total, "shards_done": len(done),
                "shards_written": len(done - before), "complete": len(done) == total, "seconds": seconds}
     if summary["complete"]:
@@ -235,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_reinforce_recipe(args.recipe, overrides)
         summary = run_reinforce_recipe(recipe, progress=not args.no_progress, max_shards=args.max_shards)
-    except (ConfigError, TeacherError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, TeacherError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
+        print(f"error: {first}", file=sys.stderr)
         return 2
     state = "complete" if summary["complete"] else "incomplete (run again to continue)"
     print(f"{summary['dataset_name']}: {summary['shards_done']}/{summary['shards']} shards {state}, "

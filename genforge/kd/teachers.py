@@ -17,6 +17,7 @@ the student's) is an error naming both, raised before any training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 from genforge.core.state_dict import StateDictError, load_state_dict_strict, read_state_dict
 
 __all__ = ["TeacherError", "check_teacher_source", "describe_source", "freeze", "load_classifier",
-           "load_teachers", "teacher_config", "teacher_device"]
+           "load_teachers", "teacher_config", "teacher_device", "teacher_record"]
 
 RUN_CONFIG = "model_config.json"
 RUN_WEIGHTS = "model.safetensors"
@@ -44,6 +45,18 @@ def describe_source(source) -> str:
     return str(source) if not isinstance(source, Mapping) else f"{source.get('name')} from {source.get('file')}"
 
 
+def _read_run_config(path: Path) -> dict:
+    """A run's ``model_config.json``: a mapping with ``model_name``; TeacherError naming the file otherwise."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"teacher config {path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
+        raise TeacherError(f"teacher config {path} must be a mapping with 'model_name' (the timm.create_model "
+                           f"arguments a classifier run writes), got {config!r}")
+    return config
+
+
 def teacher_config(source) -> tuple[str, dict, Path]:
     """(timm name, ``create_model`` kwargs, weight file) of a run directory or a mapping.
 
@@ -55,17 +68,19 @@ def teacher_config(source) -> tuple[str, dict, Path]:
         if unknown:
             raise TeacherError(f"teacher {describe_source(source)}: unknown keys {unknown}; "
                                f"allowed: {list(SPEC_KEYS)}")
-        name, kwargs, file = source.get("name"), dict(source.get("kwargs") or {}), source.get("file")
+        name, kwargs, file = source.get("name"), source.get("kwargs") or {}, source.get("file")
         if not isinstance(name, str) or file is None:
             raise TeacherError(f"a teacher mapping needs 'name' (a timm model) and 'file', got {dict(source)}")
-        file = Path(str(file))
+        if not isinstance(kwargs, Mapping):
+            raise TeacherError(f"teacher {describe_source(source)}: 'kwargs' must be a mapping, got {kwargs!r}")
+        kwargs, file = dict(kwargs), Path(str(file))
     elif isinstance(source, (str, Path)):
         run = Path(source)
         config_path = run / RUN_CONFIG
         if not config_path.is_file():
             raise TeacherError(f"teacher {run}: not a classifier run directory (no {RUN_CONFIG}); give a "
                                f"run directory of the 'classifier' method or a mapping {{name, file, kwargs}}")
-        kwargs = json.loads(config_path.read_text())
+        kwargs = _read_run_config(config_path)
         name, file = kwargs.pop("model_name"), run / RUN_WEIGHTS
     else:
         raise TeacherError(f"a teacher is a run directory or a mapping {{name, file, kwargs}}, got {source!r}")
@@ -74,6 +89,14 @@ def teacher_config(source) -> tuple[str, dict, Path]:
     if not file.is_file():
         raise TeacherError(f"teacher {describe_source(source)}: weight file {file} not found")
     return name, kwargs, file
+
+
+def teacher_record(source) -> dict:
+    """What identifies a teacher, for a provenance record: timm name, kwargs and the sha256 of its weight file."""
+    name, kwargs, file = teacher_config(source)
+    with open(file, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"name": name, "kwargs": kwargs, "sha256": digest}
 
 
 def check_teacher_source(source, num_classes: int | None = None) -> None:
@@ -107,11 +130,15 @@ def load_classifier(source, *, num_classes: int | None = None, in_chans: int | N
     if num_classes is not None and kwargs["num_classes"] != num_classes:
         raise TeacherError(f"teacher {describe_source(source)} predicts {kwargs['num_classes']} classes but "
                            f"{num_classes} are expected (the dataset's and the student's)")
-    model = timm.create_model(name, **kwargs)
+    try:
+        model = timm.create_model(name, **kwargs)
+    except TypeError as err:
+        raise TeacherError(f"teacher {describe_source(source)}: kwargs {kwargs} do not fit timm model "
+                           f"{name!r}: {err}") from None
     try:
         load_state_dict_strict(model, read_state_dict(file), what=f"teacher weights {file}")
-    except StateDictError as err:
-        raise TeacherError(str(err)) from None
+    except StateDictError as err:  # one line: torch's own messages span several
+        raise TeacherError(str(err).strip().splitlines()[0]) from None
     return freeze(model)
 
 

@@ -34,11 +34,11 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from genforge.config import ConfigError, check_known_keys
+from genforge.core.state_dict import StateDictError, read_state_dict
 from genforge.kd.m2mkd import (
     ModularStudent,
     hybrid_forward,
@@ -216,12 +216,21 @@ def load_student_modules(run_dir, source: str = "m2mKD run") -> tuple[dict, list
     config_path = run_dir / STUDENT_CONFIG
     if not config_path.is_file():
         raise ConfigError(f"{source}: {run_dir} is not an m2mkd run directory (no {STUDENT_CONFIG})")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{source}: {config_path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("depths"), list):
+        raise ConfigError(f"{source}: {config_path} must be a mapping of ModularStudent arguments with "
+                          f"'depths' (what an m2mkd run writes), got {config!r}")
     paths = [module_path(run_dir, i) for i in range(len(config["depths"]))]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"{source}: {run_dir} lacks the student modules {missing} (teach every index first)")
-    return config, [load_file(str(p)) for p in paths]
+    try:
+        return config, [read_state_dict(p, nesting_keys=(), strip_prefixes=()) for p in paths]
+    except StateDictError as err:
+        raise ConfigError(f"{source}: student module {err}") from None
 
 
 # ----------------------------------------------------------------------------- methods

@@ -19,7 +19,9 @@ The recipe's ``model:`` section: ``name``, ``kwargs`` and ``pretrained_file`` as
 directory, made from the same ``data:`` section), ``p_replay`` (0.99, the ImageNet setting),
 ``densify`` (``smooth``: the leftover mass spread over the other classes; ``zeros``) and
 ``augment_original`` (true, ml-dr's behaviour; false: the 1 - p_replay original images go in
-un-augmented).
+un-augmented). Before training, every shard is checked against the directory's manifest (its
+recorded provenance: seed, teachers, temperature, NS, k, transforms, dataset; and its tensor
+shapes): a missing, unfinished or foreign shard is a ConfigError naming it and the keys.
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ class ReinforcedMethod(ClassifierMethod):
         except ValueError as err:
             raise ConfigError(f"{self._source()}: model.reinforced_dir: {err}; the reinforce recipe's data "
                               "section must match this recipe's") from None
-        data.check_complete()
+        try:  # every shard there and made by the run the manifest records, before training starts
+            data.check_complete()
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{self._source()}: model.reinforced_dir: {err}") from None
         if data.num_classes != self.train_set.num_classes:
             raise ConfigError(f"{self._source()}: {directory} stores {data.num_classes}-class targets but dataset "
                               f"{self.recipe.data.name!r} has {self.train_set.num_classes} classes")

@@ -248,3 +248,24 @@ def test_bad_modular_student_sections_are_refused(taught, tmp_path):
     (partial / "modules" / "module_0.safetensors").write_bytes(module_path(taught.output_dir, 0).read_bytes())
     with pytest.raises(ConfigError, match="lacks the student modules .*module_1.safetensors"):
         ModularStudentMethod(modular_recipe(tmp_path / "d", m2mkd_run=str(partial))).build_model()
+
+
+def test_damaged_module_teacher_and_config_files_are_config_errors_naming_them(runs, taught, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(runs["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ConfigError, match=f"model.teacher: {weights} is not a readable safetensors file"):
+        M2MKDMethod(m2mkd_recipe(runs, tmp_path / "run", teacher=str(teacher))).build_model()
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(taught.output_dir, damaged)
+    module = module_path(damaged, 1)
+    module.write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match=f"student module {module} is not a readable safetensors file"):
+        ModularStudentMethod(modular_recipe(tmp_path / "a", m2mkd_run=str(damaged))).build_model()
+    (damaged / "student_config.json").write_text("{")
+    with pytest.raises(ConfigError, match="student_config.json is not readable JSON"):
+        ModularStudentMethod(modular_recipe(tmp_path / "b", m2mkd_run=str(damaged))).build_model()

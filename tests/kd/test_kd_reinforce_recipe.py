@@ -1,12 +1,16 @@
 """``genforge reinforce`` recipes and the ``reinforced`` student method (Faghri et al., arXiv 2303.08983)."""
 
+import hashlib
 import json
+import os
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_model
 
 import genforge.kd.ensemble
@@ -151,8 +155,75 @@ def test_directory_of_another_dataset_is_refused(built, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(full, other)
     recipe = _recipe(teacher, other, data={"name": "digits", "image_size": 8, "resize": "resize"})
-    with pytest.raises(ValueError, match="dataset_name='digits:train:8:resize:1ch'"):
+    with pytest.raises(ValueError, match="dataset_name: 'digits:train:8:pad:1ch' -> 'digits:train:8:resize:1ch'"):
         run_reinforce_recipe(recipe, progress=False)
+
+
+def test_every_shard_records_the_full_provenance(built):
+    teacher, full, _ = built
+    manifest = json.loads((full / "manifest.json").read_text())
+    digest = hashlib.sha256((teacher / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["teachers"] == [{"name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1},
+                                     "sha256": digest}]
+    assert (manifest["temperature"], manifest["seed"], manifest["num_samples"], manifest["top_k"]) == (1.0, 3, 1, 3)
+    assert manifest["dataset_name"] == TAG and [n for n, _ in manifest["pipeline"]] == ["random_resized_crop",
+                                                                                         "rand_augment"]
+    for shard in sorted(full.glob("shard_*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            assert json.loads(f.metadata()["genforge_reinforce"]) == manifest
+
+
+def _refuse_teachers(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a directory of another run must be refused before a teacher is loaded")
+
+    monkeypatch.setattr(genforge.kd.reinforce_recipe, "load_classifier", refuse)
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_every_differing_key(built, tmp_path, monkeypatch):
+    teacher, full, _ = built
+    other_teacher = _teacher_dir(tmp_path / "other_teacher", steps=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(full, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    _refuse_teachers(monkeypatch)
+    with pytest.raises(ValueError, match=r"other settings \(num_samples: 1 -> 2; seed: 3 -> 4; "
+                                         r"temperature: 1.0 -> 2.0; recorded -> this run\)"):
+        run_reinforce_recipe(_recipe(teacher, copy, seed=4, temperature=2.0, num_samples=2), progress=False)
+    with pytest.raises(ValueError, match=r"teachers: \[\{'kwargs'.*'sha256': '[0-9a-f]{64}'\}\] -> "):
+        run_reinforce_recipe(_recipe(other_teacher, copy), progress=False)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # nothing written
+
+
+@pytest.mark.parametrize("change, key", [({"num_samples": 2}, "num_samples: 2 -> 1"), ({"seed": 4}, "seed: 4 -> 3")])
+def test_a_foreign_shard_is_refused_when_building_and_before_a_student_trains(built, tmp_path, monkeypatch,
+                                                                             change, key):
+    """A shard of a run with another NS used to pass until an IndexError inside training."""
+    teacher, full, _ = built
+    run_reinforce_recipe(_recipe(teacher, tmp_path / "foreign", **change), progress=False, max_shards=1)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(full, mixed)
+    shutil.copy(tmp_path / "foreign" / "shard_00000.safetensors", mixed / "shard_00000.safetensors")
+    with pytest.raises(ConfigError, match=f"shard_00000.safetensors comes from another run .*{key}"):
+        ReinforcedMethod(_student(tmp_path / "student", mixed)).train_dataset()
+    _refuse_teachers(monkeypatch)
+    with pytest.raises(ValueError, match=f"shard_00000.safetensors comes from another run .*{key}"):
+        run_reinforce_recipe(_recipe(teacher, mixed), progress=False)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_work(built, tmp_path, monkeypatch):
+    (tmp_path / "out").write_text("")
+    _refuse_teachers(monkeypatch)
+    with pytest.raises(ValueError, match="output directory .*out' is a file"):
+        run_reinforce_recipe(_recipe(built[0], tmp_path / "out"), progress=False)
+
+
+def test_a_damaged_shard_is_named_before_a_student_trains(built, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built[1], damaged)
+    (damaged / "shard_00002.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match="shard .*shard_00002.safetensors is not a readable safetensors file"):
+        ReinforcedMethod(_student(tmp_path / "student", damaged)).train_dataset()
 
 
 def test_cli_reports_and_exits_2_on_errors(built, tmp_path, capsys):
@@ -165,6 +236,40 @@ def test_cli_reports_and_exits_2_on_errors(built, tmp_path, capsys):
     assert cli_main(["reinforce", str(path), "--set", "top_k=11", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "top_k=11 exceeds the 10 classes" in err and err.count("\n") == 1
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "pickled code", "config not JSON", "kwargs that do not fit"])
+def test_damaged_teachers_are_one_line_errors_naming_them(tmp_path, capsys, damage):
+    run = _teacher_dir(tmp_path / "teacher", steps=0)
+    weights, named = run / "model.safetensors", run / "model.safetensors"
+    teacher = str(run)
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "pickled code":
+        named = tmp_path / "teacher.pt"
+        named.write_bytes(pickle.dumps({"weight": _Payload(str(tmp_path / "ran"))}))
+        teacher = {"name": "test_resnet", "file": str(named)}
+    elif damage == "config not JSON":
+        named = run / "model_config.json"
+        named.write_text("{")
+    else:
+        teacher = {"name": "test_resnet", "file": str(weights), "kwargs": {"bogus": 1}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(_mapping("t", tmp_path / "out", teachers=[teacher])))
+    status = cli_main(["reinforce", str(path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert str(named) in err and ("bogus" in err) == (damage == "kwargs that do not fit")
+    assert not (tmp_path / "ran").exists()  # the pickled code never ran
+    assert not (tmp_path / "out").exists()
 
 
 def _student(out_dir, reinforced_dir, **model):
@@ -230,7 +335,7 @@ def test_a_missing_shard_is_a_clear_file_not_found_error(built, tmp_path):
     method = ReinforcedMethod(_student(tmp_path, copy))
     lazy = method.train_dataset()
     (copy / "shard_00001.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 3 are missing"):
+    with pytest.raises(ConfigError, match=r"model.reinforced_dir: .*shards \[1\] of 3 are missing"):
         method.train_dataset()
     with pytest.raises(FileNotFoundError, match="shard 1 .* is missing or unfinished"):
         lazy.replay(600, 0)
