@@ -9,11 +9,13 @@ missing, unexpected and wrongly shaped keys rather than torch's wall of text.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from genforge.core.errors import one_line
 
 __all__ = ["StateDictError", "load_state_dict_strict", "read_state_dict", "state_dict_mismatch"]
 
@@ -43,13 +45,16 @@ def read_state_dict(path: str | Path, *, nesting_keys: Iterable[str] = _NESTING_
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors' own error type: one line naming the file
-            raise StateDictError(f"{path} is not a readable safetensors file: {err}") from None
+            raise StateDictError(f"{path} is not a readable safetensors file ({one_line(err)})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise StateDictError(f"{path} cannot be opened with torch.load(weights_only=True) "
-                                 f"(it may hold pickled code, which genforge never runs): {err}") from err
+            with warnings.catch_warnings():  # torch's note on foreign pickle protocols: not ours to show
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- one line naming the file
+            raise StateDictError(f"{path} cannot be opened with torch.load(weights_only=True), as "
+                                 f"genforge opens every weight file (it may hold pickled code, which "
+                                 f"genforge never runs): {one_line(err)}") from None
     if not _is_flat(state) and isinstance(state, Mapping):
         for key in nesting_keys:
             if key in state and _is_flat(state[key]):

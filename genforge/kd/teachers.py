@@ -137,8 +137,8 @@ def load_classifier(source, *, num_classes: int | None = None, in_chans: int | N
                            f"{name!r}: {err}") from None
     try:
         load_state_dict_strict(model, read_state_dict(file), what=f"teacher weights {file}")
-    except StateDictError as err:  # one line: torch's own messages span several
-        raise TeacherError(str(err).strip().splitlines()[0]) from None
+    except StateDictError as err:
+        raise TeacherError(str(err)) from None
     return freeze(model)
 
 

@@ -35,6 +35,7 @@ from timm.models import load_state_dict
 from timm.optim import param_groups_weight_decay
 
 from genforge.config import ConfigError, Recipe, check_known_keys
+from genforge.core.errors import one_line
 from genforge.data import build_dataset
 from genforge.metrics.calibration import expected_calibration_error
 from genforge.train import Method, register_method
@@ -219,9 +220,8 @@ class ClassifierMethod(ClassificationMethod):
         except Exception as err:  # noqa: BLE001 -- a weight file that does not read or fit, in one line
             if not weights:
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ConfigError(f"{self._source()}: model.pretrained_file {weights!r} cannot be loaded into "
-                              f"timm model {name!r}: {type(err).__name__}: {first}") from None
+                              f"timm model {name!r}: {one_line(err)}") from None
 
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
         """Also write ``model_config.json``: the ``timm.create_model`` arguments of the saved model."""

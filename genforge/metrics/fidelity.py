@@ -35,6 +35,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from genforge.core.errors import one_line
 from genforge.data.digits import DigitsDataset
 from genforge.data.transforms import match_channels, signed_to_uint8, uint8_to_signed
 from genforge.metrics.digits_classifier import DigitsCNN, load_digits_classifier
@@ -158,7 +159,7 @@ def load_inception_weights(path: str | None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)  # refuses code-carrying pickles
     except Exception as err:  # noqa: BLE001 -- one line naming the file
         raise ValueError(f"inception weights file {path!r} cannot be read safely "
-                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+                         f"({one_line(err)})") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path!r} is not a state dict of tensors")
     return state

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from diffusers.utils import logging as diffusers_logging
 
+from genforge.core.errors import one_line
 from genforge.pipelines.dimr import DiMRPipeline
 
 __all__ = ["DiMRPipeline", "check_pipeline_directory", "load_saved_pipeline"]
@@ -35,9 +36,8 @@ def load_saved_pipeline(directory, cls: type):
     try:
         return cls.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 -- diffusers, safetensors and torch errors alike
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"cannot load the {cls.__name__} saved in {directory}: "
-                         f"{type(err).__name__}: {first}") from None
+                         f"{one_line(err)}") from None
     finally:
         if bar:
             diffusers_logging.enable_progress_bar()

@@ -37,6 +37,8 @@ from pathlib import Path
 from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 
+from genforge.core.errors import one_line
+
 __all__ = ["CheckpointError", "checkpoints_root", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint", "resume_latest"]
 
@@ -175,8 +177,7 @@ def _load(file: Path, loader):
     except CheckpointError:
         raise
     except Exception as err:  # safetensors, unpickler and load_state_dict errors alike
-        raise CheckpointError(f"cannot load checkpoint file {file}: "
-                              f"{type(err).__name__}: {err}") from None
+        raise CheckpointError(f"cannot load checkpoint file {file}: {one_line(err)}") from None
 
 
 def _culprit(path: Path, err: Exception) -> str:
@@ -224,7 +225,7 @@ def load_checkpoint(accelerator, path, *, ema) -> dict:
         accelerator.load_state(str(path))
     except Exception as err:  # noqa: BLE001 -- reported with the file it came from
         raise CheckpointError(f"cannot load checkpoint file {_culprit(path, err)}: "
-                              f"{type(err).__name__}: {err}") from None
+                              f"{one_line(err)}") from None
     _load(path / "ema.safetensors", lambda f: ema.load(f, state["ema"]))
     return {"step": int(state["step"]), "data_position": int(state["data_position"])}
 
