@@ -309,6 +309,8 @@ DIMR_CONFIGS: dict[str, dict] = {
              "stage_configs": [_transformer(32, 64, 4, 3, 4), _convnext(16, 32, 3, 2, 8)]},
     "digits": {"in_channels": 1, "sample_size": 8, "num_classes": 10,
                "stage_configs": [_transformer(128, 256, 4, 5, 4), _convnext(64, 128, 3, 2, 8)]},
+    "digits_tiny": {"in_channels": 1, "sample_size": 8, "num_classes": 10,
+                    "stage_configs": [_transformer(32, 64, 4, 1, 4), _convnext(16, 32, 3, 1, 8)]},
     "digits16": {"in_channels": 1, "sample_size": 16, "num_classes": 10,
                  "stage_configs": [_transformer(128, 256, 4, 5, 8), _convnext(64, 128, 3, 2, 16)]},
     "XL/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
@@ -316,8 +318,9 @@ DIMR_CONFIGS: dict[str, dict] = {
     "G/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
              "stage_configs": [_transformer(1152, 2304, 16, 57, 16), _convnext(576, 1152, 7, 29, 32)]},
 }
-"""Named configs. ``digits`` works on the native 8x8 digits (4x4 tokens, then 8x8), ``digits16``
-on digits padded to 16x16. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
+"""Named configs. ``digits`` works on the native 8x8 digits (4x4 tokens, then 8x8), ``digits_tiny``
+is a 20k-parameter, one-block-per-stage version for quick runs (the end-to-end test), ``digits16``
+works on digits padded to 16x16. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
 parameters), with the official configs' values (configs/DiMR-{XL,G}-2R_imagenet256.py: both have
 16 heads in stage 0 and a 7x7 kernel in stage 1)."""
 
