@@ -119,7 +119,24 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 demands a dot: `1.0e-4`)."""
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 demands a dot: `1.0e-4`) and refuses
+    a key given twice in one mapping (plain YAML keeps the last value silently; a repeated
+    section would replace the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges may be overridden by design
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                if not isinstance(key, typing.Hashable):
+                    continue  # SafeLoader reports an unhashable key below
+                if key in first_line:
+                    raise ConfigError(f"{key_node.start_mark.name}: duplicate key {key!r} at lines "
+                                      f"{first_line[key]} and {line}")
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -287,7 +304,8 @@ def read_yaml(path) -> object:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)
+        with path.open() as stream:  # a stream, so that YAML marks carry the file name
+            return yaml.load(stream, Loader=_Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 

@@ -133,3 +133,22 @@ eval: {{inception_weights: /weights/pt_inception.pth}}
     again = load_recipe(tmp_path / "run" / "recipe.yaml")
     assert again == recipe
     assert recipe_to_dict(again)["train"]["betas"] == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    (f"method: {TOY}\nseed: 1\nseed: 2\n", "seed", (2, 3)),
+    (f"method: {TOY}\ntrain:\n  max_steps: 5\n  lr: 0.1\nsample: {{steps: 3}}\ntrain:\n  lr: 0.2\n", "train", (2, 6)),
+    (f"method: {TOY}\ntrain:\n  lr: 0.1\n  max_steps: 5\n  lr: 0.2\n", "lr", (3, 5)),
+    (f"method: {TOY}\ntrain: {{lr: 0.1, lr: 0.2}}\n", "lr", (2, 2)),
+])
+def test_a_key_given_twice_names_the_key_the_file_and_both_lines(tmp_path, text, key, lines):
+    path = write(tmp_path, text, name="twice.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}: duplicate key '{key}' at lines {lines[0]} and {lines[1]}"
+
+
+def test_a_yaml_merge_may_still_be_overridden_by_the_mapping_it_merges_into(tmp_path):
+    recipe = load_recipe(write(tmp_path, f"method: {TOY}\neval: &shared {{batch_size: 16}}\n"
+                                         "data:\n  <<: *shared\n  batch_size: 32\n"))
+    assert recipe.eval.batch_size == 16 and recipe.data.batch_size == 32

@@ -33,9 +33,9 @@ from genforge.core.embed import drop_labels
 from genforge.core.norm import split_no_decay_parameters
 from genforge.data import build_dataset
 from genforge.methods.sampling import SAMPLERS, evaluate_class_conditional
-from genforge.models.dimr import DiMRModel, dimr_config, multiscale_loss
+from genforge.models.dimr import DIMR_CONFIGS, DiMRModel, dimr_config, multiscale_loss
 from genforge.models.dit import DiTModel
-from genforge.pipelines.dimr import null_class_of
+from genforge.pipelines.dimr import null_class_of, sample_shape
 from genforge.train import Method, register_method
 
 MODEL_DEFAULTS = {"config": "digits", "args": {}, "class_dropout": 0.1, "beta_start": None, "beta_end": None}
@@ -121,10 +121,10 @@ class ClassConditionalDiffusion(Method):
         dataset = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
                                 resize=data.resize, channels=data.channels)
         config = self.network_config()
-        size, channels = config["sample_size"], config["in_channels"]
-        if dataset.image_size != size or dataset.channels != channels:
+        height, width = sample_shape(config["sample_size"])
+        if (dataset.channels, dataset.image_size, dataset.image_size) != (config["in_channels"], height, width):
             raise ConfigError(f"{self._source()}: data gives {dataset.channels}x{dataset.image_size}x"
-                              f"{dataset.image_size} images but the model expects {channels}x{size}x{size}")
+                              f"{dataset.image_size} images but the model expects {config['in_channels']}x{height}x{width}")
         return dataset
 
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
@@ -155,7 +155,7 @@ class DiMRMethod(ClassConditionalDiffusion):
     """DiMR (arXiv 2406.09416): multi-scale epsilon loss, TD-norm gates without weight decay."""
 
     model_class = DiMRModel
-    named_configs = {name: dimr_config(name) for name in ("tiny", "digits", "digits16", "XL/2R", "G/2R")}
+    named_configs = {name: dimr_config(name) for name in DIMR_CONFIGS}
     default_schedule = "scaled_linear"
 
     def loss(self, model, output, noise: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,14 @@ holds the same tensors, with the same shapes and memory layouts, under descripti
 this module renames them and loads strictly: every official key must be used and every one
 of ours filled, with equal shapes, or a :class:`ConversionError` lists what differs.
 
-Usage::
+The block norm is read from the checkpoint itself: the official ``norm_type="LN"`` (the
+official default when a config names none) is a *time-dependent* LayerNorm and loads as our
+``"TDLN"``; ``"TDRMSN"`` (the released configs) as our ``"TDRMSN"``. The official plain
+``"RMSN"`` and ``"ADARMSN"`` are used by no released config and are refused by name.
+:func:`official_config` translates an official ``model`` config (``configs/DiMR-*.py``) to
+:class:`DiMRModel` arguments, non-square grids (``max_width``) included.
+
+Usage (``--help`` lists the named configs)::
 
     python -m genforge.models.convert_dimr nnet_ema.pth --config XL/2R --out dimr-xl-2r
 """
@@ -20,7 +27,7 @@ from pathlib import Path
 import torch
 
 from genforge.core.state_dict import StateDictError, load_state_dict_strict, read_state_dict
-from genforge.models.dimr import DiMRModel, dimr_config
+from genforge.models.dimr import DIMR_CONFIGS, DiMRModel, dimr_config
 
 # (official pattern, our replacement), applied to the part after "stages.{r}."
 _RENAMES = [
@@ -41,6 +48,15 @@ _RENAMES = [
     (r"^blocks\.(\d+)\.block2\.(w[012])\.", r"blocks.\1.mlp.\2."),
 ]
 _STAGE_KEY = re.compile(r"^stages\.(\d+)\.(.+)$")
+_BLOCK_NORM = re.compile(r"^stages\.\d+\.blocks\.\d+\.block2\.norm\.(.+)$")
+
+OFFICIAL_NORM_TYPES = {"LN": "TDLN", "TDRMSN": "TDRMSN"}
+"""Official ``norm_type`` -> ours. The official "LN" (``libs/core/sigmoid/module.py``
+``LayerNorm``) holds its weight and bias as TimeDependentParameters: it is TD-LN."""
+_NORM_PARAMETERS = {"weight.param0": "LN", "scale.param0": "TDRMSN", "scale": "RMSN", "linear.weight": "ADARMSN"}
+_STAGE_RENAMES = {"num_attention_heads": "num_heads", "image_input_ratio": "input_ratio",
+                  "input_feature_ratio": "patch_size", "dropout_prob": "dropout"}
+_BLOCK_TYPES = {"TransformerBlock": "transformer", "ConvNeXtBlock": "convnext"}
 
 
 class ConversionError(StateDictError):
@@ -69,6 +85,59 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
+def official_norm_type(state_dict: dict[str, torch.Tensor]) -> str:
+    """The official ``norm_type`` a state dict was trained with, read from its block-norm keys."""
+    found = set()
+    for key in state_dict:
+        match = _BLOCK_NORM.match(key.removeprefix("module."))
+        if match:
+            found.update(name for suffix, name in _NORM_PARAMETERS.items() if match.group(1) == suffix)
+    if len(found) != 1:
+        raise ConversionError(f"cannot tell the official norm_type from the block-norm keys (found {sorted(found)}; "
+                              f"expected one of {list(_NORM_PARAMETERS.values())})")
+    return found.pop()
+
+
+def genforge_norm_type(official: str) -> str:
+    """Our name for an official ``norm_type``: "LN" -> "TDLN", "TDRMSN" -> "TDRMSN"."""
+    if official not in OFFICIAL_NORM_TYPES:
+        raise ConversionError(f"official norm_type {official!r} is not supported (no released DiMR uses it); "
+                              f"supported: {list(OFFICIAL_NORM_TYPES)}")
+    return OFFICIAL_NORM_TYPES[official]
+
+
+def official_config(model_args: dict, sample_size: int | list[int] | None = None) -> dict:
+    """:class:`DiMRModel` arguments from an official ``model`` config given as a dict.
+
+    Official names map to ours (``channels`` -> ``in_channels``, ``num_attention_heads`` ->
+    ``num_heads``, ``input_feature_ratio`` -> ``patch_size``, ``image_input_ratio`` ->
+    ``input_ratio``, ``dropout_prob`` -> ``dropout``); the official ``num_classes`` counts the
+    null class, ours does not; ``norm_type`` defaults to "LN" as in the official ``MRModel``.
+    ``sample_size`` defaults to the last stage's largest input grid.
+    """
+    if model_args.get("pe_type", "APE") != "APE" or "condition_dim" in model_args:
+        raise ConversionError(f"official pe_type {model_args.get('pe_type')!r} / condition_dim "
+                              f"{model_args.get('condition_dim')!r}: only the released class-conditional models "
+                              f"(pe_type 'APE', no condition_dim) are supported")
+    stages = []
+    for index, official in enumerate(model_args["stage_configs"]):
+        stage = {_STAGE_RENAMES.get(k, k): v for k, v in official.items()}
+        if stage.get("block_type") not in _BLOCK_TYPES:
+            raise ConversionError(f"stage {index}: official block_type {stage.get('block_type')!r} is not one of "
+                                  f"{list(_BLOCK_TYPES)}")
+        stage["block_type"] = _BLOCK_TYPES[stage["block_type"]]
+        stages.append(stage)
+    if sample_size is None:
+        last = stages[-1]
+        scale = last.get("input_ratio", 1) * last.get("patch_size", 1)
+        height, width = last["max_height"] * scale, last.get("max_width", last["max_height"]) * scale
+        sample_size = height if height == width else [height, width]
+    return {"in_channels": model_args["channels"], "sample_size": sample_size,
+            "num_classes": model_args["num_classes"] - 1, "stage_configs": stages,
+            "norm_type": genforge_norm_type(model_args.get("norm_type", "LN")),
+            "block_grad_to_lowres": model_args.get("block_grad_to_lowres", False)}
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, or a torch file with ``weights_only=True`` (no code runs)."""
     try:
@@ -78,18 +147,29 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_official_dimr(checkpoint: str | Path | dict, config: str | dict = "XL/2R") -> DiMRModel:
-    """Build a DiMRModel from a named or explicit config and load official weights strictly."""
+    """Build a DiMRModel from a named or explicit config and load official weights strictly.
+
+    The block norm is the checkpoint's (see :func:`official_norm_type`); a config that names a
+    different one is refused.
+    """
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-    model = DiMRModel(**(dimr_config(config) if isinstance(config, str) else config))
+    config = dimr_config(config) if isinstance(config, str) else dict(config)
+    norm_type = genforge_norm_type(official_norm_type(state))
+    if config.setdefault("norm_type", norm_type) != norm_type:
+        raise ConversionError(f"the checkpoint's blocks use norm_type {norm_type!r} (ours), but the config asks "
+                              f"for {config['norm_type']!r}")
+    model = DiMRModel(**config)
     load_state_dict_strict(model, convert_official_state_dict(state),
                            what="official checkpoint", error=ConversionError)
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an official DiMR checkpoint to a diffusers-style directory.")
+    parser = argparse.ArgumentParser(prog="python -m genforge.models.convert_dimr", description="Convert an official DiMR checkpoint to a diffusers-style directory.")
     parser.add_argument("checkpoint", help="official nnet / nnet_ema .pth (or .safetensors)")
-    parser.add_argument("--config", default="XL/2R", help="named DiMR config (tiny, digits, XL/2R, G/2R)")
+    parser.add_argument("--config", default="XL/2R", choices=list(DIMR_CONFIGS),
+                        help="named DiMR config (default XL/2R); the block norm (official LN = TD-LN, "
+                             "or TDRMSN) is read from the checkpoint")
     parser.add_argument("--out", required=True, help="output directory for save_pretrained")
     args = parser.parse_args(argv)
     model = load_official_dimr(args.checkpoint, args.config)

@@ -6,6 +6,9 @@ cascade of R stages from low to high resolution (Sec. 3.1, Fig. 2):
 
 - stage 0 is a Transformer on coarse tokens (patchify conv, learned absolute positions, a
   prepended class token), stages r >= 1 are ConvNeXt branches at higher resolution;
+- a stage's position table has ``max_height * max_width`` rows and token (i, j) reads row
+  ``i * max_width + j`` (official ``PositionEmbeddings``), so grids may be non-square and any
+  grid up to the maximum runs; ``max_width`` defaults to ``max_height``;
 - each stage has 2*floor(n/2)+1 blocks in U-ViT's long-skip layout: the first half push
   their outputs, a middle block, then each later block first applies Linear(2d -> d) to
   concat(x, skip);
@@ -20,6 +23,12 @@ cascade of R stages from low to high resolution (Sec. 3.1, Fig. 2):
 Time convention: the model takes diffusers' discrete timestep t in [0, N) (N = 1000), which is
 the official n - 1, and feeds the norms tau = ((t + 1) / N * 8 - 4) / 4 (the official code's
 "log_snr" / 4, a linear map of n).
+
+Norm names (``norm_type``) are genforge's (:data:`genforge.core.norm.NORM_TYPES`):
+``"TDRMSN"`` (the released configs' TD-RMSNorm, our default) and ``"TDLN"`` (TD-LN). The
+official code's ``"LN"``, its default when a config names none, is the time-dependent
+LayerNorm, i.e. our ``"TDLN"``; our ``"LN"`` / ``"RMSN"`` are plain time-free norms for
+ablations. :mod:`genforge.models.convert_dimr` translates official names and configs.
 """
 
 from __future__ import annotations
@@ -40,12 +49,12 @@ from genforge.core.embed import batch_conditions
 from genforge.core.norm import TDLayerNorm
 
 STAGE_KEYS = {
-    "transformer": {"block_type", "dim", "hidden_dim", "num_heads", "num_blocks", "max_height",
+    "transformer": {"block_type", "dim", "hidden_dim", "num_heads", "num_blocks", "max_height", "max_width",
                     "patch_size", "input_ratio", "final_kernel_size", "dropout"},
-    "convnext": {"block_type", "dim", "hidden_dim", "kernel_size", "num_blocks", "max_height",
+    "convnext": {"block_type", "dim", "hidden_dim", "kernel_size", "num_blocks", "max_height", "max_width",
                  "patch_size", "input_ratio", "final_kernel_size", "dropout"},
 }
-STAGE_DEFAULTS = {"patch_size": 1, "input_ratio": 1, "final_kernel_size": 3, "dropout": 0.0}
+STAGE_DEFAULTS = {"max_width": None, "patch_size": 1, "input_ratio": 1, "final_kernel_size": 3, "dropout": 0.0}
 
 
 def timestep_to_tau(timestep: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -80,11 +89,25 @@ def validate_stages(stages: list[dict]) -> list[dict]:
         missing = allowed - set(full)
         if missing:
             raise ValueError(f"stage {index} ({block_type}): missing keys {sorted(missing)}")
-        if index > 0 and full["max_height"] % resolved[-1]["max_height"]:
-            raise ValueError(f"stage {index}: max_height {full['max_height']} is not a multiple of the "
-                             f"previous stage's {resolved[-1]['max_height']}")
+        if full["max_width"] is None:
+            full["max_width"] = full["max_height"]
+        if index > 0:
+            _check_upsampling(index, full, resolved[-1])
         resolved.append(full)
     return resolved
+
+
+def _check_upsampling(index: int, stage: dict, lower: dict) -> None:
+    """Stage ``index``'s grid must be one integer ratio larger than ``lower``'s on both axes."""
+    ratios = []
+    for axis in ("max_height", "max_width"):
+        if stage[axis] % lower[axis]:
+            raise ValueError(f"stage {index}: {axis} {stage[axis]} is not a multiple of the previous "
+                             f"stage's {lower[axis]}")
+        ratios.append(stage[axis] // lower[axis])
+    if ratios[0] != ratios[1]:
+        raise ValueError(f"stage {index}: the grid grows {ratios[0]}x in height but {ratios[1]}x in width "
+                         f"from the previous stage; the pixel-shuffle cascade needs one ratio")
 
 
 class PixelShuffleUpsample(nn.Module):
@@ -120,9 +143,10 @@ class DiMRStage(nn.Module):
                  lowres: dict | None):
         super().__init__()
         dim, self.is_transformer = stage["dim"], stage["block_type"] == "transformer"
-        self.input_ratio, self.max_height = stage["input_ratio"], stage["max_height"]
+        self.input_ratio = stage["input_ratio"]
+        self.max_height, self.max_width = stage["max_height"], stage["max_width"]
         self.patch_embed = nn.Conv2d(in_channels, dim, stage["patch_size"], stride=stage["patch_size"])
-        self.pos_embed = nn.Embedding(self.max_height * self.max_height, dim)
+        self.pos_embed = nn.Embedding(self.max_height * self.max_width, dim)
         self.class_embed = nn.Embedding(num_classes + 1, dim) if self.is_transformer and num_classes else None
         self.cascade = None
         if lowres is not None:
@@ -144,9 +168,10 @@ class DiMRStage(nn.Module):
             images = F.interpolate(images, size=size, mode="area")
         x = rearrange(self.patch_embed(images), "b d h w -> b h w d")
         h, w = x.shape[1:3]
-        if h > self.max_height or w > self.max_height:
-            raise ValueError(f"stage grid {h}x{w} exceeds its max_height {self.max_height}")
-        rows = torch.arange(h, device=x.device)[:, None] * self.max_height
+        if h > self.max_height or w > self.max_width:
+            raise ValueError(f"stage grid {h}x{w} exceeds its maximum {self.max_height}x{self.max_width} "
+                             f"(max_height x max_width)")
+        rows = torch.arange(h, device=x.device)[:, None] * self.max_width
         index = rows + torch.arange(w, device=x.device)[None, :]
         return x + self.pos_embed(index)
 
@@ -193,10 +218,11 @@ class DiMRModel(ModelMixin, ConfigMixin):
 
     ``num_classes`` counts real classes; the class table has one more row, the null class
     ``num_classes`` used for classifier-free guidance (the official config's 1001 for ImageNet).
+    ``sample_size`` is the latent size the pipeline samples: an int (square) or [height, width].
     """
 
     @register_to_config
-    def __init__(self, in_channels: int = 4, sample_size: int = 32, num_classes: int = 1000,
+    def __init__(self, in_channels: int = 4, sample_size: int | list[int] = 32, num_classes: int = 1000,
                  stage_configs: list | None = None, norm_type: str = "TDRMSN", block_grad_to_lowres: bool = False,
                  num_train_timesteps: int = 1000, loss_weights: list | None = None):
         super().__init__()
@@ -283,6 +309,8 @@ DIMR_CONFIGS: dict[str, dict] = {
              "stage_configs": [_transformer(32, 64, 4, 3, 4), _convnext(16, 32, 3, 2, 8)]},
     "digits": {"in_channels": 1, "sample_size": 8, "num_classes": 10,
                "stage_configs": [_transformer(128, 256, 4, 5, 4), _convnext(64, 128, 3, 2, 8)]},
+    "digits_tiny": {"in_channels": 1, "sample_size": 8, "num_classes": 10,
+                    "stage_configs": [_transformer(32, 64, 4, 1, 4), _convnext(16, 32, 3, 1, 8)]},
     "digits16": {"in_channels": 1, "sample_size": 16, "num_classes": 10,
                  "stage_configs": [_transformer(128, 256, 4, 5, 8), _convnext(64, 128, 3, 2, 16)]},
     "XL/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
@@ -290,9 +318,11 @@ DIMR_CONFIGS: dict[str, dict] = {
     "G/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
              "stage_configs": [_transformer(1152, 2304, 16, 57, 16), _convnext(576, 1152, 7, 29, 32)]},
 }
-"""Named configs. ``digits`` works on the native 8x8 digits (4x4 tokens, then 8x8), ``digits16``
-on digits padded to 16x16. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
-parameters); G/2R's head count and stage-1 kernel are not published and default to 16 and 7."""
+"""Named configs. ``digits`` works on the native 8x8 digits (4x4 tokens, then 8x8), ``digits_tiny``
+is a 20k-parameter, one-block-per-stage version for quick runs (the end-to-end test), ``digits16``
+works on digits padded to 16x16. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
+parameters), with the official configs' values (configs/DiMR-{XL,G}-2R_imagenet256.py: both have
+16 heads in stage 0 and a 7x7 kernel in stage 1)."""
 
 
 def dimr_config(name: str, **overrides) -> dict:

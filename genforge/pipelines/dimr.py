@@ -9,9 +9,12 @@ Classifier-free guidance (Ho & Salimans 2022) in diffusers' convention:
 eps = eps_u + w * (eps_c - eps_u), with w = ``guidance_scale`` (1 = no guidance). The
 official DiMR scale s (eps = eps_c + s * (eps_c - eps_u)) is w = 1 + s; the released
 config's s = 0.4 is w = 1.4. With ``guidance_decay_power`` = p > 0 the official "cfg decay"
-applies: w(t) = 1 + (w - 1) * (1 - cos(pi * (1 - t/N)^p)) / 2, rising from 1 at t = N to w
-at t = 0. The official sampler is DPM-Solver++ (order 3, 250 steps); diffusers'
-``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`` is close to it.
+(``eval.py``) applies: w(n) = 1 + (w - 1) * (1 - cos(pi * (1 - n/N)^p)) / 2 with the official
+time n = t + 1 in [1, N] (diffusers' t is n - 1), rising from 1 at n = N to nearly w at n = 1.
+
+The scheduler is any diffusers scheduler; :func:`genforge.methods.sampling.sampling_scheduler`
+builds the ones recipes name, including the official sampler (DPM-Solver++ singlestep,
+"fast" orders 3/2/1).
 """
 
 from __future__ import annotations
@@ -34,11 +37,17 @@ def null_class_of(model) -> int:
 
 def guidance_weight(scale: float, timestep: torch.Tensor, num_train_timesteps: int,
                     decay_power: float | None) -> float:
-    """CFG weight at a timestep: constant, or the official cosine "cfg decay"."""
+    """CFG weight at diffusers timestep t: constant, or the official cosine "cfg decay" at n = t + 1."""
     if not decay_power:
         return scale
-    ramp = (1 - math.cos(math.pi * (1 - float(timestep) / num_train_timesteps) ** decay_power)) / 2
+    n = float(timestep) + 1
+    ramp = (1 - math.cos(math.pi * (1 - n / num_train_timesteps) ** decay_power)) / 2
     return 1 + (scale - 1) * ramp
+
+
+def sample_shape(sample_size: int | list[int]) -> tuple[int, int]:
+    """(height, width) of a model's ``sample_size``, an int (square) or a [height, width] pair."""
+    return (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
 
 
 class DiMRPipeline(DiffusionPipeline):
@@ -74,7 +83,7 @@ class DiMRPipeline(DiffusionPipeline):
         if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) > null:
             raise ValueError(f"class_labels must lie in [0, {null}] ({null} = unconditional), got {labels.tolist()}")
         config = self.model.config
-        shape = (labels.shape[0], config.in_channels, config.sample_size, config.sample_size)
+        shape = (labels.shape[0], config.in_channels, *sample_shape(config.sample_size))
         x = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device,
                         dtype=self.model.dtype).to(self.device)
         x = x * self.scheduler.init_noise_sigma

@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from genforge.cli import main as cli_main
 from genforge.config import ConfigError, recipe_from_dict
 from genforge.methods.diffusion import DiMRMethod, UNet2DMethod
+from genforge.methods.sampling import sampling_scheduler
 from genforge.models.dimr import multiscale_noise_targets
 from genforge.pipelines.dimr import null_class_of
 from genforge.train import train
@@ -28,9 +30,23 @@ def digits_recipe(tmp_path, method="dimr", **train_overrides):
 
 @pytest.fixture(scope="module")
 def trained_dimr(tmp_path_factory):
+    """The smallest run that learns the classes: 700 steps of ``digits_tiny`` (about 30 s on one thread).
+
+    Agreement after it, seeds 0-4: 0.95, 0.99, 1.00, 0.85, 1.00 (the official scaled-linear schedule learns
+    the classes in about half the steps of the linear one; 500 steps gave 0.46-0.96).
+    """
     tmp_path = tmp_path_factory.mktemp("dimr")
+    recipe = recipe_from_dict({
+        "method": "dimr", "seed": 0, "output_dir": str(tmp_path / "dimr"),
+        "data": {"name": "digits", "image_size": 8, "batch_size": 128},
+        "model": {"config": "digits_tiny", "beta_schedule": "scaled_linear"},
+        "train": {"max_steps": 700, "lr": 2e-2, "warmup_steps": 50, "checkpoint_every": 700, "log_every": 10,
+                  "ema_decay": 0.98},
+        "sample": {"num_per_class": 2, "steps": 10, "guidance_scale": 5.0, "scheduler": "dpm++singlestep"},
+        "eval": {"num_samples": 100, "batch_size": 100},
+    })
     torch.manual_seed(0)
-    return train(digits_recipe(tmp_path)), tmp_path
+    return train(recipe), tmp_path
 
 
 def test_dimr_loss_falls_on_digits(trained_dimr):
@@ -44,10 +60,10 @@ def test_a_run_leaves_a_grid_a_loadable_pipeline_and_its_metrics(trained_dimr):
     out = result.output_dir
     assert (out / "samples_grid.png").is_file() and (out / "ema" / "config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["classifier_agreement"] <= 1 and metrics["fid"] > 0
+    assert metrics["classifier_agreement"] > 0.5  # chance is 0.1
     with np.load(out / "samples.npz") as samples:
-        assert samples["images"].shape == (40, 1, 8, 8)
-        assert np.array_equal(samples["labels"], np.arange(40) % 10)
+        assert samples["images"].shape == (100, 1, 8, 8)
+        assert np.array_equal(samples["labels"], np.arange(100) % 10)
 
 
 def test_cli_samples_a_saved_pipeline_and_scores_it(trained_dimr, tmp_path, capsys):
@@ -139,3 +155,25 @@ def test_a_killed_dimr_run_resumes_to_the_same_weights_as_an_uninterrupted_one(t
         a = DiMRMethod.model_class.from_pretrained(straight.output_dir / sub).state_dict()
         b = DiMRMethod.model_class.from_pretrained(resumed.output_dir / sub).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def official_fast_orders(steps: int) -> list[int]:
+    """Orders of DPM-Solver-fast, order 3 (official dpm_solver.py, get_time_steps_for_dpm_solver_fast)."""
+    k = steps // 3 + 1
+    return {0: [3] * (k - 2) + [2, 1], 1: [3] * (k - 1) + [1], 2: [3] * (k - 1) + [2]}[steps % 3]
+
+
+@pytest.mark.parametrize("steps", [25, 26, 27, 250])
+def test_the_singlestep_sampler_takes_the_official_dpm_solver_fast_updates(steps):
+    train_config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    scheduler = sampling_scheduler("dpm++singlestep", train_config)
+    scheduler.set_timesteps(steps)
+    official = official_fast_orders(steps)
+    assert sum(official) == steps  # the official update of order k spends k evaluations ...
+    # ... which diffusers counts one per step: an order-3 update is the steps of orders 1, 2, 3
+    assert scheduler.order_list == [k for order in official for k in range(1, order + 1)]
+    # the official time-uniform grid n = linspace(N, 1, steps + 1), i.e. t = n - 1, rounded; it ends at n = 1
+    grid = np.linspace(999, 0, steps + 1)
+    assert np.abs(scheduler.timesteps.numpy() - grid[:-1]).max() <= 0.5 + 1e-9
+    abar = scheduler.alphas_cumprod[0]
+    assert scheduler.sigmas[-1].item() == pytest.approx(((1 - abar) / abar).sqrt().item())

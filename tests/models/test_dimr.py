@@ -1,6 +1,8 @@
 """DiMR (arXiv 2406.09416) as the paper and the official code define it."""
 
+import inspect
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -8,11 +10,16 @@ import torch
 from diffusers import DDPMScheduler
 from einops import rearrange
 
-from genforge.models.convert_dimr import ConversionError, load_official_dimr, official_to_genforge_key
-from genforge.models.dimr import (DiMRModel, PixelShuffleUpsample, built_blocks, cascade_width, dimr_config,
-                                  multiscale_loss, multiscale_noise_targets, timestep_to_tau)
+from genforge.core.norm import TDLayerNorm, TDRMSNorm
+from genforge.models.convert_dimr import (ConversionError, load_official_dimr, main as convert_main, official_config,
+                                          official_norm_type, official_to_genforge_key)
+from genforge.models.dimr import (DIMR_CONFIGS, DiMRModel, PixelShuffleUpsample, built_blocks, cascade_width,
+                                  dimr_config, multiscale_loss, multiscale_noise_targets, timestep_to_tau,
+                                  validate_stages)
 
-OFFICIAL_KEYS = json.loads((Path(__file__).parents[1] / "fixtures" / "dimr_official_keys.json").read_text())
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+OFFICIAL_KEYS = json.loads((FIXTURES / "dimr_official_keys.json").read_text())
+OFFICIAL_REFERENCE = json.loads((FIXTURES / "dimr_official_reference.json").read_text())
 
 
 def tiny_model(**overrides) -> DiMRModel:
@@ -191,3 +198,89 @@ def test_bad_stage_configs_are_named():
     stages[1]["kernal_size"] = 3
     with pytest.raises(ValueError, match="kernal_size"):
         DiMRModel(**dimr_config("tiny", stage_configs=stages))
+
+
+def deterministic(shape, index: int, scale: float = 0.3) -> torch.Tensor:
+    """scale * sin(0.7 k + index) over the k-th element, as the official reference fixture was made."""
+    k = torch.arange(math.prod(shape), dtype=torch.float64)
+    return (scale * torch.sin(k * 0.7 + index)).float().reshape(shape)
+
+
+def test_an_official_ln_model_on_a_non_square_grid_loads_as_td_ln_and_gives_the_official_outputs():
+    # the fixture's config names no norm_type: the official default "LN", a time-dependent LayerNorm
+    ref = OFFICIAL_REFERENCE["tiny_ln_wide"]
+    state = {key: deterministic(shape, i) for i, (key, shape) in enumerate(sorted(ref["shapes"].items()))}
+    assert official_norm_type(state) == "LN"
+    config = official_config(ref["config"])
+    assert config["norm_type"] == "TDLN" and config["sample_size"] == [8, 16]
+    model = load_official_dimr(state, config)
+    assert isinstance(model.stages[1].blocks[0].mlp_norm, TDLayerNorm)
+    x = deterministic(ref["x_shape"], 1000, 1.0)  # 6x16: the grids (3x8, 6x16) are below max_height only
+    with torch.no_grad():
+        outputs = model(x, torch.tensor(ref["n"]) - 1, torch.tensor(ref["y"])).multiscale
+    for ours, official, shape in zip(outputs, ref["outputs"], ref["output_shapes"]):
+        assert torch.allclose(ours, torch.tensor(official).reshape(shape), atol=1e-5)
+
+
+def test_the_block_norm_comes_from_the_checkpoint_and_a_conflicting_config_is_refused():
+    state = official_tiny_state_dict()
+    assert official_norm_type(state) == "TDRMSN"
+    assert isinstance(load_official_dimr(state, dimr_config("tiny")).stages[0].blocks[0].attn_norm, TDRMSNorm)
+    with pytest.raises(ConversionError, match="'TDRMSN'.*asks for 'TDLN'"):
+        load_official_dimr(state, dimr_config("tiny", norm_type="TDLN"))
+
+
+@pytest.mark.parametrize("suffix, name", [("scale", "RMSN"), ("linear.weight", "ADARMSN")])
+def test_official_norms_no_released_model_uses_are_refused_by_name(suffix, name):
+    state = {k: v for k, v in official_tiny_state_dict().items() if ".norm.scale." not in k}
+    state["stages.0.blocks.0.block2.norm." + suffix] = torch.ones(32)
+    assert official_norm_type(state) == name
+    with pytest.raises(ConversionError, match=f"norm_type '{name}' is not supported"):
+        load_official_dimr(state, dimr_config("tiny"))
+
+
+def test_paper_configs_are_the_official_configs():
+    for name in ("XL/2R", "G/2R"):
+        official = official_config(OFFICIAL_REFERENCE["paper_configs"][name])
+        ours = dimr_config(name)
+        assert validate_stages(official.pop("stage_configs")) == validate_stages(ours.pop("stage_configs"))
+        assert official["norm_type"] == inspect.signature(DiMRModel).parameters["norm_type"].default == "TDRMSN"
+        assert {k: official[k] for k in ours} == ours
+
+
+def test_a_wide_grid_reads_positions_by_max_width_and_agrees_with_the_square_model_on_square_inputs():
+    square = tiny_model()
+    stages = dimr_config("tiny")["stage_configs"]
+    stages[0]["max_width"], stages[1]["max_width"] = 8, 16
+    wide = DiMRModel(**dimr_config("tiny", stage_configs=stages, sample_size=[8, 16]))
+    state = square.state_dict()
+    for r, (height, width) in enumerate([(4, 8), (8, 16)]):
+        table = torch.zeros(height * width, state[f"stages.{r}.pos_embed.weight"].shape[1])
+        rows = torch.arange(height)[:, None] * width + torch.arange(height)[None, :]  # (i, j) -> i * max_width + j
+        table[rows.flatten()] = state[f"stages.{r}.pos_embed.weight"]
+        state[f"stages.{r}.pos_embed.weight"] = table
+    wide.load_state_dict(state)
+    x, t, y = tiny_inputs()
+    assert torch.equal(wide(x, t, y).sample, square(x, t, y).sample)
+    assert wide(torch.randn(2, 4, 8, 16), t, y).sample.shape == (2, 4, 8, 16)
+    with pytest.raises(ValueError, match="exceeds its maximum 4x8"):
+        wide(torch.randn(2, 4, 8, 18), t, y)
+
+
+def test_a_cascade_that_grows_height_and_width_by_different_ratios_is_refused():
+    stages = dimr_config("tiny")["stage_configs"]
+    stages[1]["max_width"] = 16
+    with pytest.raises(ValueError, match="2x in height but 4x in width"):
+        DiMRModel(**dimr_config("tiny", stage_configs=stages))
+
+
+def test_the_converter_cli_lists_every_named_config_and_writes_a_loadable_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in DIMR_CONFIGS)
+    official = official_tiny_state_dict()
+    torch.save({"module." + k: v for k, v in official.items()}, tmp_path / "nnet_ema.pth")
+    convert_main([str(tmp_path / "nnet_ema.pth"), "--config", "tiny", "--out", str(tmp_path / "converted")])
+    converted = DiMRModel.from_pretrained(tmp_path / "converted").state_dict()
+    assert all(torch.equal(converted[official_to_genforge_key(k)], v) for k, v in official.items())
