@@ -1,15 +1,29 @@
 """genforge: generative modelling and data synthesis on one PyTorch core.
 
-The networks and pipelines are exported here because diffusers' ``model_index.json`` names
-each component by its top-level package, so ``DiMRPipeline.from_pretrained`` resolves
+``import genforge`` registers the gf_ backbones with timm (so ``timm.create_model("gf_...")``
+works) and nothing else: subpackages load when first used. The networks and pipelines are
+also reachable here, lazily (PEP 562), because diffusers' ``model_index.json`` names each
+component by its top-level package, so ``DiMRPipeline.from_pretrained`` resolves
 ``["genforge", "DiMRModel"]`` through this module.
 """
 
+import importlib
+
 import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
-import genforge.distill  # noqa: F401  (genforge.distill(...) is the distillation API)
-from genforge.models.dimr import DiMRModel
-from genforge.models.dit import DiTModel
-from genforge.pipelines.dimr import DiMRPipeline
 
 __version__ = "0.1.0"
-__all__ = ["DiMRModel", "DiTModel", "DiMRPipeline", "__version__"]
+
+_LAZY = {"DiMRModel": "genforge.models.dimr", "DiTModel": "genforge.models.dit",
+         "DiMRPipeline": "genforge.pipelines.dimr"}
+_SUBPACKAGES = ("backbones", "config", "core", "data", "distill", "kd", "methods", "metrics", "models",
+                "pipelines", "train")
+__all__ = [*_LAZY, *_SUBPACKAGES, "__version__"]
+
+
+def __getattr__(name: str):
+    """``genforge.DiMRModel`` and ``genforge.distill`` import their module on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"genforge.{name}")
+    raise AttributeError(f"module 'genforge' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from genforge import DiMRPipeline
-from genforge.backbones import DiffusionClassifier
+from genforge.methods.diffusion_probe import DiffusionClassifier
 from genforge.data import build_dataset
 from genforge.metrics import load_digits_classifier
 

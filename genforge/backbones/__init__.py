@@ -9,13 +9,12 @@ weight-standardised convs) are used through timm directly; README.md lists their
 One module per family, each registering its models when imported here: ``bcn``
 (Batch-Channel Normalisation ResNets), ``hornet``, ``ibnnet``, ``metaformer_extras``
 (IdentityFormer, RandFormer), ``moat``, ``revcol``, ``rmt``, ``transnext``, ``unireplknet``.
-``DiffusionClassifier`` probes the features of a trained diffusion network
-(``diffusion_classifier``).
+The classifier on a diffusion model's features (``DiffusionClassifier``) is the diffusion
+probe's network and lives with its method in ``genforge.methods.diffusion_probe``.
 """
 
 from genforge.backbones import (  # noqa: F401  (each module registers its models)
     bcn, hornet, ibnnet, metaformer_extras, moat, revcol, rmt, transnext, unireplknet)
-from genforge.backbones.diffusion_classifier import DiffusionClassifier, PixelProbe
 from genforge.backbones.registry import load_official, register_gf_model, register_official_converter
 
-__all__ = ["DiffusionClassifier", "PixelProbe", "load_official", "register_gf_model", "register_official_converter"]
+__all__ = ["load_official", "register_gf_model", "register_official_converter"]

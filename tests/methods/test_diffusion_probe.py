@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from genforge.backbones.diffusion_classifier import DiffusionClassifier, PixelProbe, default_scheduler, pool_tokens
 from genforge.config import ConfigError, load_recipe, read_yaml, recipe_from_dict
 from genforge.data import build_dataset
-from genforge.methods.diffusion_probe import DiffusionProbeMethod
+from genforge.methods.diffusion_probe import (DiffusionClassifier, DiffusionProbeMethod, PixelProbe,
+                                              default_scheduler, pool_tokens)
 from genforge.models.dimr import DiMRModel, dimr_config, timestep_to_tau
 from genforge.pipelines.dimr import DiMRPipeline
 from genforge.train import train
