@@ -8,8 +8,7 @@ each component by its top-level package, so ``DiMRPipeline.from_pretrained`` res
 import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
 import genforge.distill  # noqa: F401  (genforge.distill(...) is the distillation API)
 from genforge.models.dimr import DiMRModel
-from genforge.models.dit import DiTModel
-from genforge.pipelines.dimr import DiMRPipeline
+from genforge.pipelines import ClassConditionalPipeline, DiMRPipeline
 
 __version__ = "0.1.0"
-__all__ = ["DiMRModel", "DiTModel", "DiMRPipeline", "__version__"]
+__all__ = ["ClassConditionalPipeline", "DiMRModel", "DiMRPipeline", "__version__"]

@@ -8,8 +8,10 @@
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
   ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);
-- ``genforge sample PIPELINE_DIR`` loads a saved pipeline (a training run writes one to
-  ``<output_dir>/pipeline``) and writes a per-class PNG grid and, optionally, an .npz;
+- ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
+  model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
+  DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
+  a per-class PNG grid and, optionally, an .npz;
 - ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity)
   and, when they carry labels, classifier agreement on the digits.
 """
@@ -28,11 +30,11 @@ import torch
 def _sample(args: argparse.Namespace) -> int:
     from genforge.data.transforms import signed_to_uint8
     from genforge.data.grid import save_class_grid
+    from genforge.core.embed import null_class_of
     from genforge.methods.sampling import generate, sampling_scheduler
-    from genforge.pipelines import DiMRPipeline, load_saved_pipeline
-    from genforge.pipelines.dimr import null_class_of
+    from genforge.pipelines import load_saved_pipeline
 
-    pipe = load_saved_pipeline(args.pipeline, DiMRPipeline)
+    pipe = load_saved_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     num_classes = null_class_of(pipe.model)
     classes = args.classes if args.classes else list(range(num_classes))

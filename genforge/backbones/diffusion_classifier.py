@@ -31,7 +31,7 @@ from torch import nn
 
 from genforge.core.attention import attention
 from genforge.core.blocks import ConvNeXtBlock
-from genforge.pipelines.dimr import null_class_of
+from genforge.core.embed import null_class_of
 
 __all__ = ["AttentionHead", "DiffusionClassifier", "LinearHead", "PixelProbe", "default_scheduler",
            "pool_tokens"]
