@@ -46,7 +46,7 @@ def load_saved_pipeline(directory, cls: type | None = None):
     """The pipeline saved in ``directory``: of class ``cls``, or by default of whichever genforge
     class its model_index.json names (:func:`check_pipeline_directory` first); a damaged or
     misfitting weight file is a one-line ValueError naming the directory."""
-    cls = check_pipeline_directory(directory, *([cls] if cls is not None else []))
+    cls = check_pipeline_directory(directory) if cls is None else check_pipeline_directory(directory, cls)
     bar = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # a bar per component, for a few small files
     try:
