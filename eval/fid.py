@@ -23,23 +23,26 @@ from genforge.metrics import DIGITS_EXTRACTOR, compute_fidelity, load_real_and_f
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--real", required=True, help="digits:SPLIT[:SIZE[:MODE]], FILE.npz or folder")
     parser.add_argument("--fake", required=True, help="FILE.npz or folder of generated samples")
     parser.add_argument("--extractor", default=DIGITS_EXTRACTOR,
-                        choices=[DIGITS_EXTRACTOR, "inception-v3-compat"])
+                        choices=[DIGITS_EXTRACTOR, "inception-v3-compat"], help="feature extractor")
     parser.add_argument("--inception-weights", help="local Inception weights file (no download)")
-    parser.add_argument("--feature-layer", help="FID/KID feature layer (default: the extractor's)")
+    parser.add_argument("--feature-layer", help="FID/KID feature layer; the extractor's own when not given")
     parser.add_argument("--kid", action="store_true", help="also compute KID")
     parser.add_argument("--isc", action="store_true", help="also compute the Inception Score")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     real, fake, _ = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
                                isc=args.isc, inception_weights=args.inception_weights,
-                               batch_size=args.batch_size, feature_layer=args.feature_layer)
+                               batch_size=args.batch_size, feature_layer=args.feature_layer,
+                               progress=not args.no_progress)
     print(f"{'metric':<10} {'value':>14}   ({args.extractor}; real={args.real} n={len(real)}, "
           f"fake={args.fake} n={len(fake)})")
     for name, value in results.items():

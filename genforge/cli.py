@@ -8,15 +8,21 @@
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
   ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);
-- ``genforge sample PIPELINE_DIR`` loads a saved pipeline (a training run writes one to
-  ``<output_dir>/pipeline``) and writes a per-class PNG grid and, optionally, an .npz;
-- ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity)
-  and, when they carry labels, classifier agreement on the digits.
+- ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
+  model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
+  DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
+  a per-class PNG grid and, optionally, an .npz;
+- ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity,
+  with its progress bars) and, when they carry labels, classifier agreement on the digits.
+
+Every subcommand has its own ``--help`` (``genforge train --help``), which shows each
+option's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -28,11 +34,11 @@ import torch
 def _sample(args: argparse.Namespace) -> int:
     from genforge.data.transforms import signed_to_uint8
     from genforge.data.grid import save_class_grid
+    from genforge.core.embed import null_class_of
     from genforge.methods.sampling import generate, sampling_scheduler
-    from genforge.pipelines import DiMRPipeline, load_saved_pipeline
-    from genforge.pipelines.dimr import null_class_of
+    from genforge.pipelines import load_saved_pipeline
 
-    pipe = load_saved_pipeline(args.pipeline, DiMRPipeline)
+    pipe = load_saved_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     num_classes = null_class_of(pipe.model)
     classes = args.classes if args.classes else list(range(num_classes))
@@ -58,7 +64,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     real, fake, labels = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
-                               inception_weights=args.inception_weights)
+                               inception_weights=args.inception_weights, batch_size=args.batch_size,
+                               progress=not args.no_progress)
     if labels is not None and args.extractor == "digits-cnn":
         results["classifier_agreement"] = float(classifier_agreement(fake, labels))
     for key, value in results.items():
@@ -75,53 +82,58 @@ def _positive_int(text: str) -> int:
     return value
 
 
+FORWARDED = {
+    "train": ("genforge.train.__main__", "train a recipe with the one Accelerate loop"),
+    "distill": ("genforge.distill.__main__", "distil a dataset from a recipe"),
+    "reinforce": ("genforge.kd.reinforce_recipe", "build a reinforced dataset from a recipe"),
+}
+"""Subcommands whose parser lives with their command (``python -m MODULE`` runs the same):
+``genforge NAME ...`` calls that module's ``main(argv, prog="genforge NAME")``."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genforge.methods.sampling import SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="genforge", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help="train a recipe (see python -m genforge.train --help)", add_help=False)
-    commands.add_parser("distill", help="distil a dataset from a recipe (see python -m genforge.distill --help)",
-                        add_help=False)
-    commands.add_parser("reinforce", help="build a reinforced dataset from a recipe (see genforge reinforce --help)",
-                        add_help=False)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="genforge", description=__doc__.split("\n\n")[0], formatter_class=defaults)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in FORWARDED.items():
+        commands.add_parser(name, help=f"{help_text} (genforge {name} --help)", add_help=False)
 
-    sample = commands.add_parser("sample", help="sample a saved class-conditional pipeline into a grid")
+    sample = commands.add_parser("sample", help="sample a saved class-conditional pipeline into a grid",
+                                 description="Sample a saved genforge pipeline (the class its model_index.json "
+                                             "names) into a per-class PNG grid.", formatter_class=defaults)
     sample.add_argument("pipeline", help="directory written by save_pretrained (e.g. runs/dimr_digits/pipeline)")
-    sample.add_argument("--classes", type=int, nargs="*", help="class rows (default: every class)")
-    sample.add_argument("--per-class", type=_positive_int, default=10)
-    sample.add_argument("--steps", type=_positive_int, default=25)
-    sample.add_argument("--guidance-scale", type=float, default=2.0)
-    sample.add_argument("--scheduler", choices=SAMPLERS, help="override the saved sampler")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=_positive_int, default=500)
-    sample.add_argument("--out", default="samples_grid.png")
+    sample.add_argument("--classes", type=int, nargs="*", help="class rows; every class when none is given")
+    sample.add_argument("--per-class", type=_positive_int, default=10, help="samples per class (grid columns)")
+    sample.add_argument("--steps", type=_positive_int, default=25, help="sampler steps")
+    sample.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance w (1 = off)")
+    sample.add_argument("--scheduler", choices=SAMPLERS, help="override the saved sampler; the saved one when not given")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    sample.add_argument("--batch-size", type=_positive_int, default=500, help="images per pipeline call")
+    sample.add_argument("--out", default="samples_grid.png", help="PNG grid to write")
     sample.add_argument("--npz", help="also save images and labels to this .npz")
 
-    evaluate = commands.add_parser("eval", help="FID (torch-fidelity) and classifier agreement of samples")
+    evaluate = commands.add_parser("eval", help="FID (torch-fidelity) and classifier agreement of samples",
+                                   description="FID (torch-fidelity) and classifier agreement of samples.",
+                                   formatter_class=defaults)
     evaluate.add_argument("--fake", required=True, help="samples: .npz with images[, labels] or a folder")
     evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE[:pad|resize]], .npz or folder")
-    evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "inception-v3-compat"])
+    evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "inception-v3-compat"],
+                          help="feature extractor")
     evaluate.add_argument("--inception-weights", help="local Inception weights file (no download is done)")
-    evaluate.add_argument("--kid", action="store_true")
+    evaluate.add_argument("--kid", action="store_true", help="also compute KID")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="feature-extraction batch size")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--json", help="write the results to this JSON file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":
-        from genforge.train.__main__ import main as train_main
-
-        return train_main(argv[1:])
-    if argv and argv[0] == "distill":
-        from genforge.distill.__main__ import main as distill_main
-
-        return distill_main(argv[1:])
-    if argv and argv[0] == "reinforce":
-        from genforge.kd.reinforce_recipe import main as reinforce_main
-
-        return reinforce_main(argv[1:])
+    if argv and argv[0] in FORWARDED:
+        module = importlib.import_module(FORWARDED[argv[0]][0])
+        return module.main(argv[1:], prog=f"genforge {argv[0]}")
     args = build_parser().parse_args(argv)
     return run_script(_sample if args.command == "sample" else _eval, args)
 

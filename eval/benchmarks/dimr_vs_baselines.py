@@ -1,7 +1,7 @@
 """DiMR against a DiT-style baseline and diffusers' UNet2DModel on digits, at equal wall time.
 
 Each model trains from its recipe in ``recipes/dimr/`` (matched parameter counts: DiMR 1.19M,
-DiT 1.21M, UNet2DModel 1.20M; same data, noise schedule, optimiser, EMA and sampler) for the
+diffusers' DiT 1.18M, UNet2DModel 1.20M; same data, noise schedule, optimiser, EMA and sampler) for the
 same number of minutes on this machine, one run at a time so none competes for the CPU. Every
 run then samples class-balanced digits with CFG and is scored by FID on the digits CNN's
 features (torch-fidelity) against the training split, and by classifier agreement. The table

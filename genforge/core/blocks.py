@@ -7,8 +7,8 @@
 - :class:`ConvNeXtBlock`: DiMR's ConvNeXt variant on channel-last maps:
   x + DWConv_kxk(x) with no norm before it, then x + MLP(Norm(x, c)). (Liu et al. 2022's
   original ConvNeXt puts the norm between the depthwise conv and the MLP in one residual.)
-- :class:`DiTBlock`: DiT's transformer block with adaLN-Zero modulation and gates
-  (Peebles & Xie, arXiv 2212.09748, Fig. 3).
+
+DiT's adaLN-Zero block is diffusers' ``BasicTransformerBlock`` (see :mod:`genforge.models.dit`).
 
 Conditioned norms share one interface, ``norm(x, cond)`` (see :mod:`genforge.core.norm`).
 """
@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from genforge.core.attention import MultiHeadAttention
-from genforge.core.norm import AdaLNZero, make_norm, modulate
+from genforge.core.norm import make_norm
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -81,20 +81,3 @@ class ConvNeXtBlock(nn.Module):
         x = x + self.dropout(rearrange(conv, "b d h w -> b h w d"))
         return x + self.dropout(self.mlp(self.mlp_norm(x, cond)))
 
-
-class DiTBlock(nn.Module):
-    """DiT block: adaLN-Zero modulated attention and MLP branches with zero-init gates."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = MultiHeadAttention(dim, num_heads, qkv_bias=True, out_bias=True, upcast=False)
-        self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada_ln = AdaLNZero(dim, dim, chunks=6)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada_ln(cond)
-        x = x + gate_a[:, None] * self.attn(modulate(self.attn_norm(x), shift_a, scale_a))
-        return x + gate_m[:, None] * self.mlp(modulate(self.mlp_norm(x), shift_m, scale_m))

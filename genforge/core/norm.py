@@ -1,4 +1,4 @@
-"""Time-conditioned normalisation: DiMR's TD-LN / TD-RMSNorm and DiT's adaLN-Zero.
+"""Time-conditioned normalisation: DiMR's TD-LN / TD-RMSNorm.
 
 Time-Dependent LayerNorm comes from DiMR (Liu et al., "Alleviating Distortion in Image
 Generation via Multi-Resolution Diffusion Models", NeurIPS 2024, arXiv 2406.09416, Sec. 3.3).
@@ -12,9 +12,10 @@ instead of adaLN's per-block MLP. p0 and p1 start equal, so a fresh model is tim
 The parameter names (``param0``, ``param1``, ``nodecay_weight``, ``nodecay_bias``) follow the
 official code, which keeps the two ``nodecay_*`` vectors out of weight decay.
 
-adaLN-Zero comes from DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers",
-arXiv 2212.09748, Sec. 3.2): a zero-initialised linear map of the conditioning vector gives
-shift, scale and gate for each residual branch. It is the baseline TD-LN is measured against.
+The adaLN-Zero that TD-LN is measured against (DiT, arXiv 2212.09748, Sec. 3.2: a
+zero-initialised linear map of the conditioning vector gives shift, scale and gate for each
+residual branch) is diffusers' ``AdaLayerNormZero``, inside the DiT baseline
+(:mod:`genforge.models.dit`).
 """
 
 from __future__ import annotations
@@ -116,33 +117,6 @@ def make_norm(norm_type: str, dim: int) -> nn.Module:
     if norm_type not in NORM_TYPES:
         raise ValueError(f"unknown norm_type {norm_type!r}; expected one of {sorted(NORM_TYPES)}")
     return NORM_TYPES[norm_type](dim)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DiT's adaptive affine: x * (1 + scale) + shift, with (B, D) shift/scale over (B, N, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class AdaLNZero(nn.Module):
-    """SiLU -> Linear(cond_dim, chunks * dim), zero-initialised (DiT's adaLN-Zero, Sec. 3.2).
-
-    Returns ``chunks`` tensors of shape (B, dim): for a DiT block these are
-    (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp). Zero init makes every
-    residual branch start as the identity.
-    """
-
-    def __init__(self, dim: int, cond_dim: int, chunks: int = 6):
-        super().__init__()
-        self.chunks = chunks
-        self.linear = nn.Linear(cond_dim, chunks * dim)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(F.silu(cond)).chunk(self.chunks, dim=-1)
 
 
 def split_no_decay_parameters(model: nn.Module, weight_decay: float) -> list[dict]:

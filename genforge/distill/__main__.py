@@ -16,9 +16,10 @@ from genforge.config import ConfigError
 from genforge.train.__main__ import _parse_set
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genforge distill", description="Distil a dataset from a recipe, "
-                                     "save the synthetic set and its grid, and evaluate it.")
+def main(argv: list[str] | None = None, prog: str = "python -m genforge.distill") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Distil a dataset from a recipe, "
+                                     "save the synthetic set and its grid, and evaluate it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", help="YAML distillation recipe (recipes/distill/*.yaml)")
     rerun = parser.add_mutually_exclusive_group()
     rerun.add_argument("--resume", action="store_true", help="continue a killed run from its saved state "

@@ -218,12 +218,13 @@ def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_sha
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m genforge.kd.reinforce_recipe") -> int:
     """``genforge reinforce RECIPE [--set KEY=VALUE] [--output-dir D] [--max-shards N] [--no-progress]``."""
     from genforge.train.__main__ import _parse_set
 
-    parser = argparse.ArgumentParser(prog="genforge reinforce", description="Build a reinforced dataset: stored "
-                                     "augmentations and the teachers' top-k probabilities, resumable.")
+    parser = argparse.ArgumentParser(prog=prog, description="Build a reinforced dataset: stored "
+                                     "augmentations and the teachers' top-k probabilities, resumable.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", help="YAML reinforce recipe (recipes/kd/reinforce_*.yaml)")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",

@@ -7,14 +7,16 @@ only in their network and loss:
 
 - ``dimr``: :class:`genforge.models.dimr.DiMRModel` with DiMR's multi-scale loss (Eq. 3),
   the no-weight-decay group for TD-norm gates, and the official scaled-linear schedule;
-- ``dit``: the adaLN-Zero baseline :class:`genforge.models.dit.DiTModel`;
-- ``unet2d``: diffusers' ``UNet2DModel`` with a class-embedding table, the model a user would
-  pick instead.
+- ``dit``: diffusers' ``DiTTransformer2DModel``, the adaLN-Zero baseline, with DiT's
+  initialisation (:func:`genforge.models.dit.dit_baseline`);
+- ``unet2d``: diffusers' ``UNet2DModel`` with a class-embedding table.
 
 The recipe's ``model:`` section holds ``config`` (a named network config), ``args``
 (constructor overrides), ``class_dropout`` and the noise schedule (``beta_schedule``,
-``beta_start``, ``beta_end``). At the end of training the EMA network is sampled into a
-per-class grid and scored (FID on digits-CNN features through torch-fidelity, and
+``beta_start``, ``beta_end``). At the end of training the EMA network is saved as the variant's
+pipeline (:class:`~genforge.pipelines.DiMRPipeline` for DiMR, a
+:class:`~genforge.pipelines.ClassConditionalPipeline` otherwise), sampled into a per-class grid
+and scored (FID on digits-CNN features through torch-fidelity, and
 classifier agreement) by :mod:`genforge.methods.sampling`.
 """
 
@@ -26,31 +28,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 from genforge.config import ConfigError, check_known_keys
-from genforge.core.embed import drop_labels
+from genforge.core.embed import drop_labels, null_class_of
 from genforge.core.norm import split_no_decay_parameters
 from genforge.data import build_dataset
 from genforge.methods.sampling import SAMPLERS, evaluate_class_conditional
 from genforge.models.dimr import DIMR_CONFIGS, DiMRModel, dimr_config, multiscale_loss
-from genforge.models.dit import DiTModel
-from genforge.pipelines.dimr import null_class_of, sample_shape
+from genforge.models.dit import DIT_CONFIGS, dit_baseline
+from genforge.pipelines.class_conditional import ClassConditionalPipeline, sample_shape
+from genforge.pipelines.dimr import DiMRPipeline
 from genforge.train import Method, register_method
 
 MODEL_DEFAULTS = {"config": "digits", "args": {}, "class_dropout": 0.1, "beta_start": None, "beta_end": None}
 MODEL_KEYS = {*MODEL_DEFAULTS, "beta_schedule"}
 SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 
-DIT_CONFIGS = {
-    "tiny": {"in_channels": 4, "sample_size": 8, "num_classes": 10, "patch_size": 2, "dim": 32, "depth": 2,
-             "num_heads": 4},
-    "digits": {"in_channels": 1, "sample_size": 8, "num_classes": 10, "patch_size": 1, "dim": 128, "depth": 4,
-               "num_heads": 4, "mlp_ratio": 3.5},
-    "XL/2": {"in_channels": 4, "sample_size": 32, "num_classes": 1000, "patch_size": 2, "dim": 1152, "depth": 28,
-             "num_heads": 16},
-}
-"""Named DiT configs; ``digits`` (1.21M parameters) matches DiMR's digits config (1.19M)."""
 UNET_CONFIGS = {
     "tiny": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
              "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
@@ -59,7 +53,8 @@ UNET_CONFIGS = {
                "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 16, "num_class_embeds": 11},
 }
-"""Named UNet2DModel configs; ``digits`` (1.20M parameters) matches DiMR's digits config."""
+"""Named UNet2DModel configs; ``digits`` (1.20M parameters) matches DiMR's digits config (1.19M).
+The DiT configs are :data:`genforge.models.dit.DIT_CONFIGS`."""
 
 
 class ClassConditionalDiffusion(Method):
@@ -68,6 +63,7 @@ class ClassConditionalDiffusion(Method):
     model_class: type = None
     named_configs: dict[str, dict] = {}
     default_schedule = "linear"
+    pipeline_class: type = ClassConditionalPipeline
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -147,7 +143,8 @@ class ClassConditionalDiffusion(Method):
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
         if not accelerator.is_main_process:
             return {}
-        return evaluate_class_conditional(ema_model, self.noise_scheduler, self.recipe, Path(output_dir))
+        return evaluate_class_conditional(ema_model, self.noise_scheduler, self.recipe, Path(output_dir),
+                                          self.pipeline_class)
 
 
 @register_method("dimr")
@@ -157,6 +154,7 @@ class DiMRMethod(ClassConditionalDiffusion):
     model_class = DiMRModel
     named_configs = {name: dimr_config(name) for name in DIMR_CONFIGS}
     default_schedule = "scaled_linear"
+    pipeline_class = DiMRPipeline
 
     def loss(self, model, output, noise: torch.Tensor) -> torch.Tensor:
         return multiscale_loss(model, output.multiscale, noise)
@@ -167,10 +165,13 @@ class DiMRMethod(ClassConditionalDiffusion):
 
 @register_method("dit")
 class DiTMethod(ClassConditionalDiffusion):
-    """The DiT-style adaLN-Zero baseline (arXiv 2212.09748) with the same objective."""
+    """diffusers' DiT (arXiv 2212.09748, adaLN-Zero) with DiT's initialisation and the same objective."""
 
-    model_class = DiTModel
+    model_class = DiTTransformer2DModel
     named_configs = DIT_CONFIGS
+
+    def build_model(self) -> torch.nn.Module:
+        return dit_baseline(**self.network_config())
 
 
 @register_method("unet2d")

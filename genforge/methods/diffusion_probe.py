@@ -43,9 +43,9 @@ from torch import nn
 from genforge.config import ConfigError, check_known_keys
 from genforge.core.attention import attention
 from genforge.core.blocks import ConvNeXtBlock
+from genforge.core.embed import null_class_of
 from genforge.methods.classification import ClassificationMethod, check_label_smoothing
 from genforge.pipelines import DiMRPipeline, check_pipeline_directory, load_saved_pipeline
-from genforge.pipelines.dimr import null_class_of
 from genforge.train import register_method
 
 __all__ = ["AttentionHead", "DiffusionClassifier", "DiffusionProbeMethod", "LinearHead", "PixelProbe",

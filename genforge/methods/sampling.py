@@ -1,8 +1,9 @@
 """Sample a trained class-conditional generator into a grid and score it.
 
 Used at the end of every class-conditional diffusion run and by ``genforge sample``:
-the EMA network and a diffusers scheduler form a :class:`DiMRPipeline` (saved with
-``save_pretrained``), a PNG grid with one row per class is written, and a class-balanced set
+the EMA network and a diffusers scheduler form the run's pipeline (a :class:`DiMRPipeline` for
+DiMR, a :class:`ClassConditionalPipeline` for the baselines; saved with ``save_pretrained``), a
+PNG grid with one row per class is written, and a class-balanced set
 of samples is scored with FID through torch-fidelity (on the digits CNN's features for the
 digits set, on Inception features from a local weights file otherwise) and, for digits, with
 classifier agreement: the share of samples the shipped digits CNN assigns to their class.
@@ -37,11 +38,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from tqdm.auto import tqdm
 
 from genforge.config import Recipe
+from genforge.core.embed import null_class_of
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.data.transforms import signed_to_uint8
 from genforge.metrics import classifier_agreement, compute_fidelity
-from genforge.pipelines.dimr import DiMRPipeline, null_class_of
+from genforge.pipelines.class_conditional import ClassConditionalPipeline
 
 SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm++singlestep")
 
@@ -60,7 +62,7 @@ def sampling_scheduler(name: str, train_config):
     raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
 
 
-def generate(pipe: DiMRPipeline, labels: torch.Tensor, *, steps: int, guidance_scale: float, seed: int,
+def generate(pipe: ClassConditionalPipeline, labels: torch.Tensor, *, steps: int, guidance_scale: float, seed: int,
              batch_size: int, desc: str = "sampling") -> torch.Tensor:
     """Samples for ``labels`` in [-1, 1] as (N, C, H, W), generated in batches from one seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -72,11 +74,12 @@ def generate(pipe: DiMRPipeline, labels: torch.Tensor, *, steps: int, guidance_s
     return torch.cat(chunks)
 
 
-def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_dir: Path) -> dict:
-    """Save the pipeline, a per-class grid, class-balanced samples and their metrics."""
+def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_dir: Path,
+                               pipeline_class: type[ClassConditionalPipeline]) -> dict:
+    """Save the ``pipeline_class`` pipeline, a per-class grid, class-balanced samples and their metrics."""
     output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    pipe = DiMRPipeline(model=model, scheduler=sampling_scheduler(recipe.sample.scheduler, noise_scheduler.config))
+    pipe = pipeline_class(model=model, scheduler=sampling_scheduler(recipe.sample.scheduler, noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(output_dir / "pipeline")
     num_classes = null_class_of(model)

@@ -177,7 +177,8 @@ def _feature_dim(feature_extractor: str, feature_layer: str | None) -> int | Non
 def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | Dataset, *,
                      feature_extractor: str = DIGITS_EXTRACTOR, fid: bool = True, kid: bool = False,
                      isc: bool = False, inception_weights: str | None = None,
-                     batch_size: int = 256, feature_layer: str | None = None) -> dict[str, float]:
+                     batch_size: int = 256, feature_layer: str | None = None,
+                     progress: bool = False) -> dict[str, float]:
     """FID/KID/IS of ``fake`` against ``real`` (IS on ``fake`` only) via torch-fidelity.
 
     ``real``/``fake``: float ``(N, C, H, W)`` tensors in [-1, 1] (C = 1 or 3), uint8 tensors,
@@ -187,6 +188,7 @@ def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | D
     ``min(1000, N_real, N_fake)`` and the IS split count ``min(10, N_fake)``.
     ``feature_layer`` picks the FID/KID feature layer (default: the extractor's own,
     ``"features"`` for digits-cnn, ``"2048"`` for Inception; e.g. ``"64"`` for a quick check).
+    ``progress`` shows torch-fidelity's progress bars and messages (its ``verbose``) on stderr.
     """
     if not (fid or kid or isc):
         raise ValueError("nothing to compute: set at least one of fid, kid, isc")
@@ -224,7 +226,7 @@ def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | D
         **extractor_kwargs, batch_size=batch_size,
         feature_layer_fid=feature_layer, feature_layer_kid=feature_layer,
         kid_subset_size=min(1000, n_real or n_fake, n_fake), isc_splits=min(10, n_fake),
-        cuda=torch.cuda.is_available(), cache=False, save_cpu_ram=True, verbose=False,
+        cuda=torch.cuda.is_available(), cache=False, save_cpu_ram=True, verbose=progress,
     )
     return {_RESULT_KEYS[k]: float(v) for k, v in metrics.items() if k in _RESULT_KEYS}
 

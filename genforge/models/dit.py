@@ -1,83 +1,82 @@
-"""A DiT-style single-resolution baseline with adaLN-Zero, built on genforge's core.
+"""The DiT baseline: diffusers' ``DiTTransformer2DModel``, trained from DiT's initialisation.
 
-Peebles & Xie, "Scalable Diffusion Models with Transformers", arXiv 2212.09748: patchify,
-fixed 2-D sin-cos positions, N transformer blocks whose norms are modulated by
-c = TimestepEmbed(t) + LabelEmbed(y) through zero-initialised adaLN (Sec. 3.2), a final
-adaLN + linear layer and unpatchify. Epsilon prediction only (no learned sigma). It is the
-baseline DiMR's TD-LN and multi-resolution cascade are compared with (DiMR paper, Sec. 4).
+Peebles & Xie, "Scalable Diffusion Models with Transformers", arXiv 2212.09748 (official code:
+facebookresearch/DiT). The network is diffusers' :class:`~diffusers.DiTTransformer2DModel`, the
+model a diffusers user would pick: patchify, fixed 2-D sin-cos positions, N transformer blocks
+whose norms are modulated by c = TimestepEmbed(t) + LabelEmbed(y) through adaLN-Zero (Sec. 3.2),
+a final adaLN + linear layer and unpatchify. Here it works in pixel space and predicts epsilon
+only (``out_channels`` = ``in_channels``, no learned sigma). ``num_embeds_ada_norm`` is the
+number of classes; each label table has one more row, the null class ``num_embeds_ada_norm``
+that classifier-free guidance uses. It is the baseline DiMR's TD-norms and multi-resolution
+cascade are measured against (DiMR, arXiv 2406.09416, Sec. 4).
+
+Where diffusers' model differs from the official DiT (kept as diffusers has it):
+
+- every block has its own timestep MLP and label table (the official DiT shares one; diffusers'
+  converter copies it into every block), so with C classes a block of width d costs
+  19 d^2 + (274 + C) d parameters instead of the official 18 d^2 + 15 d plus one shared
+  embedder: the ``digits`` config (4 blocks of width 116) has 1,181,925 parameters, 1.1% fewer
+  than DiMR's ``digits`` (1,194,690);
+- the timestep features use ``downscale_freq_shift=1`` (frequencies 10000^(-i / (half - 1)));
+  the official DiT divides by half.
+
+What :func:`dit_baseline` adds, because diffusers builds the network only to load checkpoints:
+
+- the official ``initialize_weights``: xavier-uniform Linears with zero biases, the patch
+  projection xavier-initialised as a Linear, N(0, 0.02) label tables and timestep-MLP weights,
+  and zero adaLN modulations and output layer, so every block starts as the identity (the
+  "Zero" of adaLN-Zero) and the network starts by predicting 0; diffusers leaves torch's
+  default initialisation;
+- one label drop per sample: diffusers' label tables replace labels by the null class with
+  p = 0.1 in train mode, independently in every block. That is switched off (the null row
+  stays), so the training method drops each sample's label once, with the recipe's
+  ``class_dropout``, as the official DiT does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
-from einops import rearrange
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from genforge.core.blocks import DiTBlock
-from genforge.core.embed import PatchEmbed, TimestepEmbedding, batch_conditions, sincos_2d_pos_embed
-from genforge.core.norm import AdaLNZero, modulate
+DIT_CONFIGS: dict[str, dict] = {
+    "tiny": {"in_channels": 4, "sample_size": 8, "num_embeds_ada_norm": 10, "patch_size": 2,
+             "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2},
+    "digits": {"in_channels": 1, "sample_size": 8, "num_embeds_ada_norm": 10, "patch_size": 1,
+               "num_attention_heads": 4, "attention_head_dim": 29, "num_layers": 4},
+    "XL/2": {"in_channels": 4, "sample_size": 32, "num_embeds_ada_norm": 1000, "patch_size": 2,
+             "num_attention_heads": 16, "attention_head_dim": 72, "num_layers": 28},
+}
+"""Named configs: ``tiny`` (tests; diffusers' own test size), ``digits`` (8x8 digits, patch 1,
+parameters matched to DiMR's ``digits``) and ``XL/2`` (DiT-XL/2, epsilon only)."""
 
 
-@dataclass
-class DiTOutput(BaseOutput):
-    """``sample``: the epsilon prediction, shaped like the input."""
+def dit_baseline(**config) -> DiTTransformer2DModel:
+    """A ``DiTTransformer2DModel(**config)`` with DiT's initialisation and a single label drop."""
+    model = DiTTransformer2DModel(**config)
+    initialize_dit_weights(model)
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # the training method drops labels, once per sample
+    return model
 
-    sample: torch.Tensor
 
-
-class DiTModel(ModelMixin, ConfigMixin):
-    """DiT: forward(sample (B,C,H,W), timestep (B,), class_labels (B,)) -> DiTOutput."""
-
-    @register_to_config
-    def __init__(self, in_channels: int = 4, sample_size: int = 32, num_classes: int = 1000, patch_size: int = 2,
-                 dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0):
-        super().__init__()
-        if sample_size % patch_size:
-            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
-        grid = sample_size // patch_size
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
-        self.register_buffer("pos_embed", sincos_2d_pos_embed(dim, grid, grid)[None], persistent=False)
-        self.time_embed = TimestepEmbedding(dim)
-        self.class_embed = nn.Embedding(num_classes + 1, dim)
-        self.blocks = nn.ModuleList(DiTBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.final_ada_ln = AdaLNZero(dim, dim, chunks=2)
-        self.final_proj = nn.Linear(dim, patch_size * patch_size * in_channels)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """DiT's init: xavier linears, N(0, 0.02) class table, zero output projection."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module is not self.final_proj:
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            block.ada_ln.reset_parameters()
-        self.final_ada_ln.reset_parameters()
-        nn.init.normal_(self.class_embed.weight, std=0.02)
-        nn.init.zeros_(self.final_proj.weight)
-        nn.init.zeros_(self.final_proj.bias)
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                class_labels: torch.Tensor | None = None, return_dict: bool = True):
-        batch, _, height, width = sample.shape
-        timestep, class_labels = batch_conditions(timestep, class_labels, batch, self.null_class, sample.device)
-        x = self.patch_embed(sample) + self.pos_embed  # (B, N, D)
-        cond = self.time_embed(timestep.float()) + self.class_embed(class_labels)  # (B, D)
-        for block in self.blocks:
-            x = block(x, cond)
-        shift, scale = self.final_ada_ln(cond)
-        x = self.final_proj(modulate(self.final_norm(x), shift, scale))
-        p = self.config.patch_size
-        out = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=height // p, p1=p, p2=p)
-        return DiTOutput(sample=out) if return_dict else (out,)
+def initialize_dit_weights(model: DiTTransformer2DModel) -> None:
+    """The official DiT ``initialize_weights``, on diffusers' module names."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    patch = model.pos_embed.proj.weight
+    nn.init.xavier_uniform_(patch.data.view(patch.shape[0], -1))
+    for block in model.transformer_blocks:
+        embedder = block.norm1.emb
+        nn.init.normal_(embedder.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(embedder.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(embedder.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

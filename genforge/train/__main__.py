@@ -36,9 +36,9 @@ def _parse_set(item: str) -> tuple[str, object]:
     return key, parsed
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m genforge.train",
-                                     description="Train a recipe with the genforge loop.")
+def main(argv: list[str] | None = None, prog: str = "python -m genforge.train") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a recipe with the genforge loop.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe file")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",

@@ -1,17 +1,13 @@
 """Sampling DiMR through diffusers schedulers, with the official CFG forms."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers import DDIMScheduler
 
 import genforge
-from genforge.methods.sampling import sampling_scheduler
 from genforge.models.dimr import DiMRModel, dimr_config
 from genforge.pipelines.dimr import DiMRPipeline, guidance_weight
 
@@ -50,7 +46,7 @@ def test_guided_prediction_is_official_eps_c_plus_s_times_difference():
     s = 0.4
     cond = pipe.model(x, t, class_labels=y).sample
     uncond = pipe.model(x, t, class_labels=torch.tensor([10, 10])).sample
-    guided = pipe._noise_prediction(x, t, y, 1 + s, None)
+    guided = pipe._noise_prediction(x, t, y, 1 + s)
     assert torch.allclose(guided, cond + s * (cond - uncond), atol=1e-5)
 
 
@@ -61,6 +57,20 @@ def test_cfg_decay_is_the_official_formula_at_the_official_time_n_equal_t_plus_o
     assert guidance_weight(3.0, torch.tensor(999), 1000, 2.0) == 1.0  # n = N: no guidance at all
     assert guidance_weight(3.0, torch.tensor(0), 1000, 1.0) == pytest.approx(1 + (1 - math.cos(0.999 * math.pi)))
     assert guidance_weight(3.0, torch.tensor(500), 1000, None) == 3.0
+
+
+def test_cfg_decay_sets_the_weight_of_every_step_of_its_call_only():
+    pipe = tiny_pipeline()
+    seen = []
+    weight = pipe.guidance_weight
+    pipe.guidance_weight = lambda scale, t: seen.append((int(t), weight(scale, t))) or seen[-1][1]
+    sample(pipe, guidance_scale=3.0, guidance_decay_power=2.0)
+    assert len(seen) == 3 and seen[0][1] < seen[-1][1]
+    for t, w in seen:
+        assert w == pytest.approx(1 + 2 * (1 - math.cos(math.pi * (1 - (t + 1) / 1000) ** 2)) / 2)
+    seen.clear()
+    sample(pipe, guidance_scale=3.0)
+    assert [w for _, w in seen] == [3.0, 3.0, 3.0]
 
 
 def test_same_generator_same_images_and_output_types_agree():
@@ -84,50 +94,3 @@ def test_pipeline_round_trips_through_save_pretrained(tmp_path):
 def test_out_of_range_labels_are_refused():
     with pytest.raises(ValueError, match="class_labels"):
         tiny_pipeline()(class_labels=[11])
-
-
-class PointMassOracle(ModelMixin, ConfigMixin):
-    """The exact noise predictor when each class's data is one fixed image x0[y]:
-    eps(x_t, t, y) = (x_t - sqrt(abar_t) x0[y]) / sqrt(1 - abar_t)."""
-
-    @register_to_config
-    def __init__(self, in_channels: int = 1, sample_size: list[int] = (4, 6), num_classes: int = 10):
-        super().__init__()
-        generator = torch.Generator().manual_seed(3)
-        self.register_buffer("x0", torch.rand(num_classes + 1, in_channels, *sample_size, generator=generator) * 1.6 - 0.8)
-        self.register_buffer("alphas_cumprod", DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                             beta_end=0.012).alphas_cumprod)
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
-
-    def forward(self, x, t, class_labels):
-        abar = self.alphas_cumprod[t.long()]
-        return SimpleNamespace(sample=(x - abar.sqrt() * self.x0[class_labels]) / (1 - abar).sqrt())
-
-
-@pytest.mark.parametrize("name, ends_at_n_equal_one", [
-    ("ddim", False), ("ddpm", False), ("dpm++", False), ("dpm++singlestep", True)])
-def test_exact_noise_of_a_point_mass_takes_every_sampler_to_that_point_on_a_non_square_grid(name, ends_at_n_equal_one):
-    # With exact predictions the probability-flow solution is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e, e fixed by
-    # the starting noise: DDIM and DPM-Solver++ follow it exactly, DDPM's last step returns x0.
-    model = PointMassOracle()
-    train_config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                 clip_sample=False).config
-    scheduler = sampling_scheduler(name, train_config)
-    if name == "ddim":
-        scheduler = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
-    pipe = DiMRPipeline(model=model, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    labels = torch.tensor([1, 7, 10])
-    images = pipe(class_labels=labels, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
-                  output_type="pt").images
-    x0 = model.x0[labels]
-    abar = model.alphas_cumprod
-    abar_end = abar[0] if ends_at_n_equal_one else torch.tensor(1.0)
-    z = torch.randn(3, 1, 4, 6, generator=torch.Generator().manual_seed(0))
-    e = (z - abar[scheduler.timesteps[0]].sqrt() * x0) / (1 - abar[scheduler.timesteps[0]]).sqrt()
-    expected = abar_end.sqrt() * x0 + (1 - abar_end).sqrt() * e
-    assert images.shape == (3, 1, 4, 6)
-    assert torch.allclose(images, expected / 2 + 0.5, atol=2e-5)
