@@ -13,6 +13,7 @@ Field metadata `{"min": x}` adds a lower bound; `Literal[...]` lists the allowed
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -27,7 +28,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "SampleConfig", "EvalConfig", "Recipe",
     "load_recipe", "recipe_from_dict", "recipe_to_dict", "save_recipe", "check_known_keys",
-    "dataclass_from_mapping", "read_yaml",
+    "dataclass_from_mapping", "read_yaml", "parse_override",
 ]
 
 
@@ -325,3 +326,24 @@ def save_recipe(recipe: Recipe, path) -> None:
     """Write the resolved recipe as YAML so a run directory records exactly what ran."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+_E_NOTATION = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """One ``--set KEY=VALUE`` of any genforge command: (dotted key, VALUE read as YAML).
+
+    A number that YAML 1.1 leaves a string (``1e-2``) is a float. Meant as argparse's
+    ``type=``: a malformed item is an ``argparse.ArgumentTypeError`` saying what was expected.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key}: the value {value!r} is not valid YAML ({err})") from None
+    if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
+        return key, float(parsed)
+    return key, parsed

@@ -1,9 +1,11 @@
 """Recipes: typed, complete, and every mistake is a ConfigError that says what and where."""
 
+import argparse
+
 import pytest
 
 from genforge.config import (ConfigError, DataConfig, Recipe, TrainConfig, check_known_keys,
-                             load_recipe, recipe_to_dict, save_recipe)
+                             load_recipe, parse_override, recipe_to_dict, save_recipe)
 from genforge.train import Method, register_method
 
 TOY = "toy_config_tests"
@@ -133,3 +135,14 @@ eval: {{inception_weights: /weights/pt_inception.pth}}
     again = load_recipe(tmp_path / "run" / "recipe.yaml")
     assert again == recipe
     assert recipe_to_dict(again)["train"]["betas"] == [0.8, 0.9]
+
+
+def test_set_overrides_read_yaml_and_e_notation_numbers():
+    assert parse_override("train.lr=1e-2") == ("train.lr", 0.01)
+    assert parse_override("train.lr=0.5") == ("train.lr", 0.5)
+    assert parse_override("data.name=digits") == ("data.name", "digits")
+    assert parse_override("model.args={depth: 2}") == ("model.args", {"depth": 2})
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE, got 'train.lr'"):
+        parse_override("train.lr")
+    with pytest.raises(argparse.ArgumentTypeError, match="model.args: the value '{depth' is not valid YAML"):
+        parse_override("model.args={depth")

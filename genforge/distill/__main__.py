@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from genforge.config import ConfigError
-from genforge.train.__main__ import _parse_set
+from genforge.config import ConfigError, parse_override
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     rerun.add_argument("--overwrite", action="store_true", help="start again, deleting an earlier run's saved "
                        "state and outputs in output_dir")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set distill.ipc=1 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

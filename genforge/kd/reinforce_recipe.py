@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from genforge.config import ConfigError, DataConfig, dataclass_from_mapping, read_yaml
+from genforge.config import ConfigError, DataConfig, dataclass_from_mapping, parse_override, read_yaml
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.kd.ensemble import TeacherEnsemble
@@ -220,13 +220,12 @@ def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_sha
 
 def main(argv: list[str] | None = None) -> int:
     """``genforge reinforce RECIPE [--set KEY=VALUE] [--output-dir D] [--max-shards N] [--no-progress]``."""
-    from genforge.train.__main__ import _parse_set
-
+    
     parser = argparse.ArgumentParser(prog="genforge reinforce", description="Build a reinforced dataset: stored "
                                      "augmentations and the teachers' top-k probabilities, resumable.")
     parser.add_argument("recipe", help="YAML reinforce recipe (recipes/kd/reinforce_*.yaml)")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set num_samples=4 (repeatable)")
     parser.add_argument("--max-shards", type=int, help="stop after N new shards (run again to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,29 +11,13 @@ one-line message instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-import yaml
 from accelerate import PartialState
 
-from genforge.config import ConfigError, load_recipe
+from genforge.config import ConfigError, load_recipe, parse_override
 from genforge.train.checkpoint import CheckpointError
 from genforge.train.loop import train
-
-
-_E_NOTATION = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _parse_set(item: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as YAML; a number YAML 1.1 leaves a string (``1e-2``) is a float."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
-        return key, float(parsed)
-    return key, parsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this checkpoint directory (<output_dir>/checkpoints/step_N)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
     args = parser.parse_args(argv)
 

@@ -174,15 +174,6 @@ def test_fresh_run_refuses_to_mix_with_an_existing_run_but_auto_resume_continues
     assert train(make_recipe(tmp_path / "new", max_steps=1), resume="auto").resumed_from is None
 
 
-def test_set_overrides_read_yaml_and_e_notation_numbers():
-    from genforge.train.__main__ import _parse_set
-
-    assert _parse_set("train.lr=1e-2") == ("train.lr", 0.01)
-    assert _parse_set("train.lr=0.5") == ("train.lr", 0.5)
-    assert _parse_set("data.name=digits") == ("data.name", "digits")
-    assert _parse_set("model.args={depth: 2}") == ("model.args", {"depth": 2})
-
-
 def test_resume_refuses_changed_settings_that_alter_the_result_naming_each_key(tmp_path):
     train(make_recipe(tmp_path, max_steps=2, checkpoint_every=1))
     recorded = (tmp_path / "recipe.yaml").read_text()
