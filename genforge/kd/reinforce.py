@@ -26,8 +26,8 @@ Mixing partners are a random dataset index ``id2``; the partner image goes throu
 pre-mixing transforms with its own parameters, stored as a pair (θ_img, θ_img2).
 
 Storage: instead of the official one ``{idx}.pth.tar`` pickle per index, indices are grouped
-in shards of ``shard_size`` (safetensors, no pickled objects), written atomically (tmp file +
-rename) and listed in ``index.json`` after each shard, so an interrupted run resumes by
+in shards of ``shard_size`` (safetensors, no pickled objects), written atomically
+(:func:`genforge.core.io.atomic_write`) and listed in ``index.json`` after each shard, so an interrupted run resumes by
 skipping finished shards. ``manifest.json`` records the run's provenance: the dataset name,
 size and class count, NS, k, the seed, the shard size, the augmentation config and what the
 caller adds (``genforge reinforce`` adds the teachers with the sha256 of their weight files
@@ -52,6 +52,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from genforge.core.io import atomic_write
 from genforge.kd.augment import ReinforcePipeline
 
 MANIFEST = "manifest.json"
@@ -62,9 +63,8 @@ SHARD_META = "genforge_reinforce"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _shard_name(shard: int) -> str:
@@ -292,9 +292,8 @@ def reinforce(
             "params": params.reshape(n, num_samples, width).contiguous(),
             "params_len": torch.tensor([len(f) for f in flats]).reshape(n, num_samples),
         }
-        tmp = out / (_shard_name(shard) + ".tmp")
-        save_file(tensors, str(tmp), metadata={SHARD_META: json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, out / _shard_name(shard))
+        with atomic_write(out / _shard_name(shard)) as tmp:
+            save_file(tensors, str(tmp), metadata={SHARD_META: json.dumps(manifest, sort_keys=True)})
         done.append(shard)
         _write_json(index_path, {"shards": sorted(done)})
         written += 1

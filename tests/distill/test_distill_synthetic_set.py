@@ -29,7 +29,7 @@ def test_a_saved_synthetic_set_reloads_identically(tmp_path):
     assert (back.method, back.ipc, back.seed, back.normalisation, back.extra) == \
         (syn.method, syn.ipc, syn.seed, syn.normalisation, syn.extra)
     torch.testing.assert_close(back.pixels(), syn.pixels())
-    assert not (tmp_path / "set.safetensors.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.safetensors"]  # no temporary file left
 
 
 def test_pixels_undo_zca_and_standardisation():
