@@ -184,17 +184,6 @@ class ConcentrationHead(nn.Module):
         return y[:, self.inverse]  # class-id order
 
 
-def sc_parameter_count(
-    layout: str, s_b: int, s1: int, s2: int, num_classes: int, num_verticals: int
-) -> int:
-    """Weight count (no biases) of the head layouts (a) FC(s1)-FC(s2) and (b) FC(s1)-SC(s2)."""
-    if layout == "a":
-        return s_b * s1 + s1 * s2 + s2 * num_classes
-    if layout == "b":
-        return s_b * s1 + s1 * s2 * num_verticals + s2 * num_classes
-    raise ValueError(f"layout must be 'a' or 'b', got {layout!r}")
-
-
 def concentration_targets(
     teacher_probs_per_vertical: Sequence[torch.Tensor],
     labels: torch.Tensor,
