@@ -7,7 +7,7 @@
   ``python -m genforge.distill``); a rerun over a run's saved state needs one of the three;
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
-  ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);
+  ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline (a training run writes one to
   ``<output_dir>/pipeline``) and writes a per-class PNG grid and, optionally, an .npz;
 - ``genforge eval --fake SAMPLES [--real SOURCE]`` scores samples with FID (torch-fidelity)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return distill_main(argv[1:])
     if argv and argv[0] == "reinforce":
-        from genforge.kd.reinforce_recipe import main as reinforce_main
+        from genforge.kd.reinforce.recipe import main as reinforce_main
 
         return reinforce_main(argv[1:])
     args = build_parser().parse_args(argv)

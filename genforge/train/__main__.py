@@ -2,7 +2,8 @@
 [--max-steps N] [--output-dir D]`.
 
 Works unchanged under `accelerate launch -m genforge.train ...`. Built-in methods register
-themselves when the registry first looks a name up (it imports `genforge.methods`).
+themselves when the registry first looks a name up (it imports `genforge.methods` and
+`genforge.kd`).
 `--set KEY=VALUE` overrides any recipe key (dotted, value parsed as YAML), e.g.
 `--set train.lr=1e-4`. Configuration and checkpoint problems exit with status 2 and a
 one-line message instead of a traceback.

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from genforge.config import ConfigError, check_known_keys, recipe_from_dict
 from genforge.train import CheckpointError, Method, list_checkpoints, register_method, train
+from genforge.train.loop import _lr_factor
 
 TOY = "toy_regression_train_loop_tests"
 
@@ -208,3 +209,10 @@ def test_an_output_or_checkpoint_path_that_is_a_file_is_refused_before_training(
         train(make_recipe(out, max_steps=2))
     if as_file:  # the run folder exists: nothing was trained or logged into it
         assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_lr_factor_warms_up_then_steps_down_at_each_milestone():
+    factor = _lr_factor(2, milestones=[5, 8], gamma=0.1)
+    values = [factor(s) for s in range(10)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[4] == 1.0 and values[5] == pytest.approx(0.1) and values[8] == pytest.approx(0.01)
