@@ -6,7 +6,6 @@ each component by its top-level package, so ``DiMRPipeline.from_pretrained`` res
 """
 
 import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
-import genforge.distill  # noqa: F401  (genforge.distill(...) is the distillation API)
 from genforge.models.dimr import DiMRModel
 from genforge.models.dit import DiTModel
 from genforge.pipelines.dimr import DiMRPipeline
