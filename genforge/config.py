@@ -28,7 +28,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "SampleConfig", "EvalConfig", "Recipe",
     "load_recipe", "recipe_from_dict", "recipe_to_dict", "save_recipe", "check_known_keys",
-    "dataclass_from_mapping", "read_yaml", "parse_override",
+    "dataclass_from_mapping", "read_yaml", "parse_override", "add_override_arguments", "overrides_from_args",
 ]
 
 
@@ -347,3 +347,18 @@ def parse_override(item: str) -> tuple[str, object]:
     if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
         return key, float(parsed)
     return key, parsed
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """A command's ``--output-dir D`` and repeatable ``--set KEY=VALUE`` (``example``: a KEY=VALUE for the help)."""
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a recipe key, e.g. --set {example} (repeatable)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The dotted-key overrides that :func:`add_override_arguments`' options ask for, ``output_dir`` included."""
+    overrides = dict(args.set)
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    return overrides

@@ -16,7 +16,7 @@ import sys
 
 from accelerate import PartialState
 
-from genforge.config import ConfigError, load_recipe, parse_override
+from genforge.config import ConfigError, add_override_arguments, load_recipe, overrides_from_args
 from genforge.train.checkpoint import CheckpointError
 from genforge.train.loop import train
 
@@ -34,16 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     resume.add_argument("--resume-from", metavar="CKPT",
                         help="continue from this checkpoint directory (<output_dir>/checkpoints/step_N)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    add_override_arguments(parser, "train.lr=1e-4")
     args = parser.parse_args(argv)
 
-    overrides = dict(args.set)
+    overrides = overrides_from_args(args)
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
     try:
         recipe = load_recipe(args.recipe, overrides)
         result = train(recipe, resume="auto" if args.auto_resume else args.resume,

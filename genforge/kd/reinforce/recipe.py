@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,9 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from genforge.config import ConfigError, DataConfig, dataclass_from_mapping, parse_override, read_yaml
+from genforge.config import (ConfigError, DataConfig, add_override_arguments, dataclass_from_mapping, overrides_from_args,
+                             read_yaml)
+from genforge.core.errors import report_error
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.kd.ensemble import TeacherEnsemble
@@ -211,26 +212,18 @@ def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_sha
 
 def main(argv: list[str] | None = None) -> int:
     """``genforge reinforce RECIPE [--set KEY=VALUE] [--output-dir D] [--max-shards N] [--no-progress]``."""
-    
     parser = argparse.ArgumentParser(prog="genforge reinforce", description="Build a reinforced dataset: stored "
                                      "augmentations and the teachers' top-k probabilities, resumable.")
     parser.add_argument("recipe", help="YAML reinforce recipe (recipes/kd/reinforce_*.yaml)")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set num_samples=4 (repeatable)")
+    add_override_arguments(parser, "num_samples=4")
     parser.add_argument("--max-shards", type=int, help="stop after N new shards (run again to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    overrides = dict(args.set)
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
     try:
-        recipe = load_reinforce_recipe(args.recipe, overrides)
+        recipe = load_reinforce_recipe(args.recipe, overrides_from_args(args))
         summary = run_reinforce_recipe(recipe, progress=not args.no_progress, max_shards=args.max_shards)
     except (ConfigError, FileNotFoundError, TeacherError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
-        print(f"error: {first}", file=sys.stderr)
-        return 2
+        return report_error(err)
     state = "complete" if summary["complete"] else "incomplete (run again to continue)"
     print(f"{summary['dataset_name']}: {summary['shards_done']}/{summary['shards']} shards {state}, "
           f"{summary['shards_written']} written in {summary['seconds']:.1f} s, "
