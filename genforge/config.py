@@ -28,7 +28,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "SampleConfig", "EvalConfig", "Recipe",
     "load_recipe", "recipe_from_dict", "recipe_to_dict", "save_recipe", "check_known_keys",
-    "dataclass_from_mapping", "read_yaml", "parse_override", "add_override_arguments", "overrides_from_args",
+    "dataclass_from_mapping", "read_yaml", "parse_override", "add_override_arguments", "overrides_from_args", "setting_differences",
 ]
 
 
@@ -362,3 +362,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
     return overrides
+
+
+def setting_differences(recorded: dict, now: dict, keys=None) -> str:
+    """``"key: recorded -> now; ..."`` for the keys (default: all of either) whose values differ, '' if none.
+
+    How every refusal to mix runs (a resumed training, a distillation state, reinforced shards)
+    names what changed.
+    """
+    keys = sorted(recorded.keys() | now.keys()) if keys is None else keys
+    return "; ".join(f"{key}: {recorded.get(key)!r} -> {now.get(key)!r}"
+                     for key in keys if recorded.get(key) != now.get(key))

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from genforge.config import (ConfigError, DataConfig, Recipe, TrainConfig, check_known_keys,
-                             load_recipe, parse_override, recipe_to_dict, save_recipe)
+                             load_recipe, parse_override, recipe_to_dict, save_recipe, setting_differences)
 from genforge.train import Method, register_method
 
 TOY = "toy_config_tests"
@@ -146,3 +146,10 @@ def test_set_overrides_read_yaml_and_e_notation_numbers():
         parse_override("train.lr")
     with pytest.raises(argparse.ArgumentTypeError, match="model.args: the value '{depth' is not valid YAML"):
         parse_override("model.args={depth")
+
+
+def test_setting_differences_name_each_changed_key_with_its_recorded_and_new_value():
+    recorded, now = {"seed": 0, "top_k": 3, "teachers": ["a"]}, {"seed": 1, "top_k": 3, "ns": 4}
+    assert setting_differences(recorded, now) == "ns: None -> 4; seed: 0 -> 1; teachers: ['a'] -> None"
+    assert setting_differences(recorded, now, ["top_k", "seed"]) == "seed: 0 -> 1"
+    assert setting_differences(recorded, dict(recorded)) == ""

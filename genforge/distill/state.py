@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from genforge.config import setting_differences
 from genforge.core.io import atomic_write
 
 __all__ = ["OUTPUTS", "STATE", "check_settings", "prepare_output_dir", "read_safetensors", "save_safetensors",
@@ -106,9 +107,7 @@ def check_settings(path: str | Path, saved, now: dict) -> None:
     now = json.loads(json.dumps(now, sort_keys=True))
     if saved == now:
         return
-    saved = saved if isinstance(saved, dict) else {}
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
-    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    listing = setting_differences(saved if isinstance(saved, dict) else {}, now)
     raise ValueError(f"{path} belongs to a different run; differing settings (saved -> now): {listing}")
 
 

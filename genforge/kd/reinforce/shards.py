@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from genforge.config import DataConfig
+from genforge.config import DataConfig, setting_differences
 from genforge.core.io import atomic_write
 from genforge.kd.reinforce.augment import ReinforcePipeline
 
@@ -60,15 +60,6 @@ def shard_name(shard: int) -> str:
     return f"shard_{shard:05d}.safetensors"
 
 
-def _differences(recorded: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> str:
-    """'key: recorded -> expected; ...' for the keys whose values differ ('' when none does)."""
-    return "; ".join(
-        f"{key}: {recorded.get(key)!r} -> {expected.get(key)!r}"
-        for key in keys
-        if recorded.get(key) != expected.get(key)
-    )
-
-
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / MANIFEST
     if not path.exists():
@@ -89,7 +80,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 def check_manifest(out_dir: Path, expected: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The directory's manifest; ValueError naming every key of ``keys`` it records otherwise."""
     manifest = read_manifest(out_dir)
-    diff = _differences(manifest, expected, keys)
+    diff = setting_differences(manifest, expected, keys)
     if diff:
         raise ValueError(
             f"{out_dir} was reinforced with other settings ({diff}; recorded -> this run); "
@@ -115,7 +106,7 @@ def check_shard(path: Path, manifest: dict[str, Any], rows: int) -> None:
     if recorded is None:
         raise ValueError(f"shard {path} records no provenance (metadata {SHARD_META!r}); rebuild the "
                          "directory with genforge reinforce")
-    diff = _differences(recorded, manifest, sorted(recorded.keys() | manifest.keys()))
+    diff = setting_differences(recorded, manifest)
     if diff:
         raise ValueError(f"shard {path} comes from another run than {path.parent / MANIFEST} ({diff}; "
                          "shard -> manifest); refusing to mix shards of different runs")
