@@ -7,7 +7,7 @@
   ``python -m genforge.distill``); a rerun over a run's saved state needs one of the three;
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
-  ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce_recipe``);
+  ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
   model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
   DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
@@ -85,7 +85,7 @@ def _positive_int(text: str) -> int:
 FORWARDED = {
     "train": ("genforge.train.__main__", "train a recipe with the one Accelerate loop"),
     "distill": ("genforge.distill.__main__", "distil a dataset from a recipe"),
-    "reinforce": ("genforge.kd.reinforce_recipe", "build a reinforced dataset from a recipe"),
+    "reinforce": ("genforge.kd.reinforce.recipe", "build a reinforced dataset from a recipe"),
 }
 """Subcommands whose parser lives with their command (``python -m MODULE`` runs the same):
 ``genforge NAME ...`` calls that module's ``main(argv, prog="genforge NAME")``."""

@@ -13,6 +13,7 @@ Field metadata `{"min": x}` adds a lower bound; `Literal[...]` lists the allowed
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -27,7 +28,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataConfig", "TrainConfig", "SampleConfig", "EvalConfig", "Recipe",
     "load_recipe", "recipe_from_dict", "recipe_to_dict", "save_recipe", "check_known_keys",
-    "dataclass_from_mapping", "read_yaml",
+    "dataclass_from_mapping", "read_yaml", "parse_override", "add_override_arguments", "overrides_from_args", "setting_differences",
 ]
 
 
@@ -343,3 +344,50 @@ def save_recipe(recipe: Recipe, path) -> None:
     """Write the resolved recipe as YAML so a run directory records exactly what ran."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+_E_NOTATION = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """One ``--set KEY=VALUE`` of any genforge command: (dotted key, VALUE read as YAML).
+
+    A number that YAML 1.1 leaves a string (``1e-2``) is a float. Meant as argparse's
+    ``type=``: a malformed item is an ``argparse.ArgumentTypeError`` saying what was expected.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key}: the value {value!r} is not valid YAML ({err})") from None
+    if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
+        return key, float(parsed)
+    return key, parsed
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """A command's ``--output-dir D`` and repeatable ``--set KEY=VALUE`` (``example``: a KEY=VALUE for the help)."""
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a recipe key, e.g. --set {example} (repeatable)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The dotted-key overrides that :func:`add_override_arguments`' options ask for, ``output_dir`` included."""
+    overrides = dict(args.set)
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    return overrides
+
+
+def setting_differences(recorded: dict, now: dict, keys=None) -> str:
+    """``"key: recorded -> now; ..."`` for the keys (default: all of either) whose values differ, '' if none.
+
+    How every refusal to mix runs (a resumed training, a distillation state, reinforced shards)
+    names what changed.
+    """
+    keys = sorted(recorded.keys() | now.keys()) if keys is None else keys
+    return "; ".join(f"{key}: {recorded.get(key)!r} -> {now.get(key)!r}"
+                     for key in keys if recorded.get(key) != now.get(key))

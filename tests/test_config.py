@@ -1,9 +1,11 @@
 """Recipes: typed, complete, and every mistake is a ConfigError that says what and where."""
 
+import argparse
+
 import pytest
 
 from genforge.config import (ConfigError, DataConfig, Recipe, TrainConfig, check_known_keys,
-                             load_recipe, recipe_to_dict, save_recipe)
+                             load_recipe, parse_override, recipe_to_dict, save_recipe, setting_differences)
 from genforge.train import Method, register_method
 
 TOY = "toy_config_tests"
@@ -152,3 +154,21 @@ def test_a_yaml_merge_may_still_be_overridden_by_the_mapping_it_merges_into(tmp_
     recipe = load_recipe(write(tmp_path, f"method: {TOY}\neval: &shared {{batch_size: 16}}\n"
                                          "data:\n  <<: *shared\n  batch_size: 32\n"))
     assert recipe.eval.batch_size == 16 and recipe.data.batch_size == 32
+
+
+def test_set_overrides_read_yaml_and_e_notation_numbers():
+    assert parse_override("train.lr=1e-2") == ("train.lr", 0.01)
+    assert parse_override("train.lr=0.5") == ("train.lr", 0.5)
+    assert parse_override("data.name=digits") == ("data.name", "digits")
+    assert parse_override("model.args={depth: 2}") == ("model.args", {"depth": 2})
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE, got 'train.lr'"):
+        parse_override("train.lr")
+    with pytest.raises(argparse.ArgumentTypeError, match="model.args: the value '{depth' is not valid YAML"):
+        parse_override("model.args={depth")
+
+
+def test_setting_differences_name_each_changed_key_with_its_recorded_and_new_value():
+    recorded, now = {"seed": 0, "top_k": 3, "teachers": ["a"]}, {"seed": 1, "top_k": 3, "ns": 4}
+    assert setting_differences(recorded, now) == "ns: None -> 4; seed: 0 -> 1; teachers: ['a'] -> None"
+    assert setting_differences(recorded, now, ["top_k", "seed"]) == "seed: 0 -> 1"
+    assert setting_differences(recorded, dict(recorded)) == ""

@@ -41,8 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import genforge
-from genforge.distill import EvalOptions, RealData, evaluate_synthetic, load_real
+from genforge.distill import EvalOptions, RealData, distill_dataset, evaluate_synthetic, load_real
 from genforge.distill.dwa import DWAOptions, load_teacher, train_teacher
 from genforge.distill.evaluate import accuracy_on
 from genforge.distill.seeding import stream
@@ -84,7 +83,7 @@ def iteration_costs(real: RealData, ipcs: list[int], teacher, rounds: int, itera
                 if engine == "dwa":
                     kwargs["teacher"] = teacher
                 start = time.perf_counter()
-                genforge.distill(engine, real, ipc, seed=0, flip=flip, progress=False, **kwargs)
+                distill_dataset(engine, real, ipc, seed=0, flip=flip, progress=False, **kwargs)
                 times[f"{label}|{ipc}"].append((time.perf_counter() - start) / iterations)
     return {key: statistics.median(values[1:]) for key, values in times.items()}
 
@@ -164,7 +163,7 @@ def main() -> None:
                 elif engine == "dwa":
                     kwargs.update(iterations=args.dwa_iterations, teacher=teachers[seed])
                 start = time.perf_counter()
-                syn = genforge.distill(engine, real, ipc, seed=seed, flip=flip, progress=False, **kwargs)
+                syn = distill_dataset(engine, real, ipc, seed=seed, flip=flip, progress=False, **kwargs)
                 seconds = time.perf_counter() - start
                 row = {"distill_seconds": seconds,
                        "iterations": kwargs.get("iterations", 0),
@@ -186,8 +185,8 @@ def main() -> None:
         for label, flip in (("DM", False), ("DM+FYI", True)):
             key = f"{label}|1|{seed}"
             if key not in control:
-                syn = genforge.distill("dm", m_real, 1, seed=seed, flip=flip, progress=False,
-                                       iterations=args.iterations, **dict(MATCH, dsa_strategy=WITH_FLIP))
+                syn = distill_dataset("dm", m_real, 1, seed=seed, flip=flip, progress=False,
+                                      iterations=args.iterations, **dict(MATCH, dsa_strategy=WITH_FLIP))
                 control[key] = evaluate_synthetic(syn, m_test, mirror_eval, seed=seed, progress=False).accuracies
                 save()
     if "timing" not in results:

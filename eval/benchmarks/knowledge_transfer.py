@@ -50,15 +50,13 @@ import torch.nn.functional as F
 
 from genforge.config import load_recipe
 from genforge.data import build_dataset
-from genforge.kd.concentration import Verticals
+from genforge.kd.concentration import ConcentrationMethod, Verticals, load_specialists, load_student, read_verticals
 from genforge.kd.ensemble import TeacherEnsemble
 from genforge.kd.losses import kd_kl_loss
-from genforge.kd.augment import ReinforcePipeline
-from genforge.kd.reinforce import ReinforcedDataset
-from genforge.kd.reinforce_recipe import dataset_tag, load_reinforce_recipe, run_reinforce_recipe
+from genforge.kd.reinforce import (ReinforcedDataset, ReinforcePipeline, dataset_tag, load_reinforce_recipe,
+                                   run_reinforce_recipe)
 from genforge.kd.teachers import load_classifier, load_teachers
 from genforge.methods.classification import load_split, predict_logits
-from genforge.methods.concentration import ConcentrationMethod, load_specialists, load_student, read_verticals
 from genforge.train import register_method
 from genforge.train.loop import train
 

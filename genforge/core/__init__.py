@@ -1,4 +1,5 @@
-"""The shared core: attention, time-conditioned norms, class conditioning and blocks (torch/einops only).
+"""The shared core: attention, time-conditioned norms, class conditioning and blocks (torch/einops only),
+and atomic file writes (``io``, the standard library only).
 
 The attention entry point is ``genforge.core.attention.attention``; it is not re-exported
 here because the name would shadow its module.

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from genforge.config import ConfigError
-from genforge.train.__main__ import _parse_set
+from genforge.config import ConfigError, add_override_arguments, overrides_from_args
+from genforge.core.errors import report_error
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m genforge.distill") -> int:
@@ -27,25 +27,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m genforge.distill"
     rerun.add_argument("--auto-resume", action="store_true", help="continue from the saved state if there is one")
     rerun.add_argument("--overwrite", action="store_true", help="start again, deleting an earlier run's saved "
                        "state and outputs in output_dir")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set distill.ipc=1 (repeatable)")
+    add_override_arguments(parser, "distill.ipc=1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     from genforge.distill.recipe import load_distill_recipe, run_distill_recipe
 
-    overrides = dict(args.set)
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
     try:
-        recipe = load_distill_recipe(args.recipe, overrides)
+        recipe = load_distill_recipe(args.recipe, overrides_from_args(args))
         metrics = run_distill_recipe(recipe, resume="auto" if args.auto_resume else args.resume,
                                      overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
-        print(f"error: {first}", file=sys.stderr)
-        return 2
+        return report_error(err)
     if metrics:
         print(f"{metrics['method']}{' + FYI' if metrics['flip'] else ''} ipc={metrics['ipc']}: test accuracy "
               f"{100 * metrics['accuracy_mean']:.2f} ± {100 * metrics['accuracy_std']:.2f}% over "

@@ -1,4 +1,4 @@
-"""``genforge.distill(method=..., dataset=..., ipc=...)``: one call from real data to a synthetic set.
+"""``genforge.distill.distill_dataset(method=..., dataset=..., ipc=...)``: one call from real data to a synthetic set.
 
 Engines: ``"random"`` (a random real subset, the field's baseline), ``"dm"``, ``"datadam"``
 and ``"dwa"`` (``rho=0`` is SRe2L). ``flip=True`` is FYI for any of the optimising engines.
@@ -28,7 +28,7 @@ from genforge.distill.state import (check_settings, prepare_output_dir, read_saf
                                     settings_digest)
 from genforge.distill.synthetic import SyntheticSet, initial_images
 
-__all__ = ["ENGINE_OPTIONS", "RandomOptions", "check_run", "distill", "engine_options", "resolve_teacher",
+__all__ = ["ENGINE_OPTIONS", "RandomOptions", "check_run", "distill_dataset", "engine_options", "resolve_teacher",
            "teacher_settings"]
 
 
@@ -110,10 +110,10 @@ def check_run(method: str, real: RealData, ipc: int, *, flip: bool = False, teac
     real.check_ipc(ipc)
 
 
-def distill(method: str = "datadam", dataset="digits", ipc: int = 10, *, seed: int = 0, flip: bool = False,
-            teacher=None, shard: tuple[int, int] = (0, 1), output_dir: str | Path | None = None,
-            resume: bool | str = False, overwrite: bool = False, progress: bool = True,
-            dataset_kwargs: dict | None = None, **options) -> SyntheticSet:
+def distill_dataset(method: str = "datadam", dataset="digits", ipc: int = 10, *, seed: int = 0, flip: bool = False,
+                    teacher=None, shard: tuple[int, int] = (0, 1), output_dir: str | Path | None = None,
+                    resume: bool | str = False, overwrite: bool = False, progress: bool = True,
+                    dataset_kwargs: dict | None = None, **options) -> SyntheticSet:
     """Distil ``dataset`` into ``ipc`` images per class with ``method``; see the module docstring.
 
     ``dataset`` is a registered dataset name (``dataset_kwargs`` go to

@@ -27,7 +27,7 @@ import yaml
 
 from genforge.config import ConfigError, dataclass_from_mapping, read_yaml
 from genforge.data import check_dataset, dataset_names
-from genforge.distill.api import ENGINE_OPTIONS, check_run, distill, resolve_teacher
+from genforge.distill.api import ENGINE_OPTIONS, check_run, distill_dataset, resolve_teacher
 from genforge.distill.data import load_real
 from genforge.distill.evaluate import EvalOptions, evaluate_synthetic
 from genforge.distill.state import prepare_output_dir
@@ -134,9 +134,9 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool | str = False, ove
 
     start = time.perf_counter()
     shard_dir = out if state.num_processes == 1 else out / f"shard_{state.process_index}"
-    syn = distill(recipe.method, real, recipe.distill.ipc, seed=recipe.seed, flip=recipe.distill.flip,
-                  teacher=teacher, shard=(state.process_index, state.num_processes), output_dir=shard_dir,
-                  resume="auto", progress=show, **dataclasses.asdict(options))  # out was checked above
+    syn = distill_dataset(recipe.method, real, recipe.distill.ipc, seed=recipe.seed, flip=recipe.distill.flip,
+                          teacher=teacher, shard=(state.process_index, state.num_processes), output_dir=shard_dir,
+                          resume="auto", progress=show, **dataclasses.asdict(options))  # out was checked above
     if state.num_processes > 1:
         syn.save(out / "parts" / f"part_{state.process_index}.safetensors")
         state.wait_for_everyone()

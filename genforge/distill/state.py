@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from genforge.config import setting_differences
+from genforge.core.io import atomic_write
 
 __all__ = ["OUTPUTS", "STATE", "check_settings", "prepare_output_dir", "read_safetensors", "save_safetensors",
            "saved_state", "settings_digest", "tensors_digest"]
@@ -79,12 +81,11 @@ def prepare_output_dir(output_dir: str | Path | None, resume: bool | str, overwr
 
 
 def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Write ``tensors`` (and string ``metadata``) atomically: a temporary name, then a rename."""
+    """Write ``tensors`` (and string ``metadata``) atomically (:func:`genforge.core.io.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -106,9 +107,7 @@ def check_settings(path: str | Path, saved, now: dict) -> None:
     now = json.loads(json.dumps(now, sort_keys=True))
     if saved == now:
         return
-    saved = saved if isinstance(saved, dict) else {}
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
-    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    listing = setting_differences(saved if isinstance(saved, dict) else {}, now)
     raise ValueError(f"{path} belongs to a different run; differing settings (saved -> now): {listing}")
 
 

@@ -1,4 +1,4 @@
-"""``genforge.kd.distill``: train a student against teachers from Python, in one call.
+"""``genforge.kd.train_student``: train a student against teachers from Python, in one call.
 
 The call writes the same recipe a user would write (``method``, ``data``, ``model``, ``train``)
 and runs it through the one training loop, so it validates, checkpoints, resumes and logs
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from genforge.config import recipe_from_dict
 from genforge.train import TrainResult, train
 
-__all__ = ["distill"]
+__all__ = ["train_student"]
 
 
 def _plain(source):
@@ -26,7 +26,7 @@ def _plain(source):
                     f"got {type(source).__name__}")
 
 
-def distill(
+def train_student(
     teachers: Sequence | None,
     student: str,
     method: str = "meal_v2",
@@ -72,4 +72,4 @@ def distill(
         "model": model,
         "train": {"max_steps": steps, **dict(train_options or {})},
     }
-    return train(recipe_from_dict(raw, source=f"genforge.kd.distill(method={method!r})"), resume=resume)
+    return train(recipe_from_dict(raw, source=f"genforge.kd.train_student(method={method!r})"), resume=resume)

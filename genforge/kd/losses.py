@@ -63,25 +63,3 @@ def kd_kl_loss(
         # xlogy gives 0 * log 0 = 0 for classes a sparse target leaves at zero
         kl = (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=-1)
     return temperature**2 * kl.mean()
-
-
-def classic_kd_loss(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    alpha: float,
-    temperature: float,
-) -> torch.Tensor:
-    """(1 - alpha) * CE(z_S, y) + alpha * T^2 * KL(p_T^T || p_S^T)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must be (batch,) to match student_logits "
-            f"{tuple(student_logits.shape)}"
-        )
-    hard = F.cross_entropy(student_logits.float(), labels)
-    soft = kd_kl_loss(
-        student_logits, temperature=temperature, teacher_logits=teacher_logits
-    )
-    return (1.0 - alpha) * hard + alpha * soft

@@ -20,6 +20,19 @@ so the student also lowers L_D and D acts as a regulariser. Hard labels never en
 The official per-epoch LR setter overwrites every parameter group, so D ends up following the
 student's LR (MEAL-V2 issue #9). ``meal_v2_param_groups`` keeps D in its own group with its own
 LR; ``follow_student_lr=True`` reproduces the official behaviour.
+
+The ``meal_v2`` training Method (a :class:`~genforge.kd.hinton.TeacherMethod`: the student and
+its frozen teachers as for ``kd``) trains :class:`MealV2Model` (student + discriminator, so the
+discriminator's state is checkpointed and resumes with the run); only the student is evaluated
+and saved. Recipe keys: ``d_lr`` (1e-4, the discriminator's own parameter group),
+``follow_student_lr`` (false; true reproduces issue #9), ``channel_divisor`` (K, 8 as the
+official train.py; small class counts need a smaller K), ``relu_last`` (true, the official
+quirk) and ``update``: ``joint`` (the official update: one backward pass of L_KD + L_D, so the
+student also lowers L_D and the discriminator acts as a regulariser) or ``adversarial`` (the
+student receives -dL_D/dz_S through a gradient reversal, the GAN reading of the paper's text).
+Weight decay is 0 for both groups, as the official optimiser; start the student from a
+checkpoint with ``pretrained_file`` (the paper's initialisation). Use ``train.optimizer: sgd``
+and ``train.lr_milestones`` for the official regime.
 """
 
 from __future__ import annotations
@@ -30,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genforge.config import ConfigError
+from genforge.kd.hinton import TeacherMethod, check_number
 from genforge.kd.losses import soft_cross_entropy
+from genforge.train import register_method
+
+__all__ = ["MealV2Discriminator", "MealV2Loss", "MealV2Method", "MealV2Model", "discriminator_batch",
+           "meal_v2_loss", "meal_v2_param_groups"]
 
 
 class MealV2Discriminator(nn.Module):
@@ -178,3 +197,71 @@ def meal_v2_param_groups(
             "name": "discriminator",
         },
     ]
+
+
+# ----------------------------------------------------------------------------- the training Method
+
+
+class MealV2Model(nn.Module):
+    """The student and MEAL V2's discriminator, trained (and checkpointed) together.
+
+    ``forward`` is the student's, so evaluation sees only the student.
+    """
+
+    def __init__(self, student: nn.Module, discriminator: MealV2Discriminator):
+        super().__init__()
+        self.student = student
+        self.discriminator = discriminator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+@register_method("meal_v2")
+class MealV2Method(TeacherMethod):
+    """MEAL V2: ensemble soft cross-entropy plus the logit discriminator, no hard labels."""
+
+    teacher_defaults = {"d_lr": 1e-4, "follow_student_lr": False, "channel_divisor": 8,
+                        "relu_last": True, "update": "joint"}
+
+    def validate_options(self, options: dict, source: str) -> None:
+        check_number(options, "d_lr", source, 0.0, low_open=True)
+        divisor = options["channel_divisor"]
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ConfigError(f"{source}: model.channel_divisor must be an integer >= 1, got {divisor!r}")
+        for key in ("follow_student_lr", "relu_last"):
+            if not isinstance(options[key], bool):
+                raise ConfigError(f"{source}: model.{key} must be true or false, got {options[key]!r}")
+        if options["update"] not in ("joint", "adversarial"):
+            raise ConfigError(f"{source}: model.update must be 'joint' (official) or 'adversarial', "
+                              f"got {options['update']!r}")
+        if options.get("label_smoothing", 0.0):
+            raise ConfigError(f"{source}: model.label_smoothing does not apply: MEAL V2 never reads labels")
+
+    def build_model(self) -> nn.Module:
+        student = super().build_model()
+        try:
+            discriminator = MealV2Discriminator(self.train_set.num_classes, self.options["channel_divisor"],
+                                                relu_last=self.options["relu_last"])
+        except ValueError as err:
+            raise ConfigError(f"{self._source()}: model.channel_divisor: {err}") from None
+        return MealV2Model(student, discriminator)
+
+    def parameter_groups(self, model: MealV2Model) -> list[dict]:
+        return meal_v2_param_groups(model.student, model.discriminator, lr=self.recipe.train.lr,
+                                    d_lr=self.options["d_lr"],
+                                    follow_student_lr=self.options["follow_student_lr"])
+
+    def training_step(self, model, batch) -> tuple[torch.Tensor, dict]:
+        images, labels = batch  # labels only for the logged accuracy
+        probs, mean_logits = self.teacher_outputs(images)
+        logits = model(images)
+        discriminator = model.module.discriminator if hasattr(model, "module") else model.discriminator
+        out = meal_v2_loss(logits, probs, mean_logits, discriminator,
+                           adversarial=self.options["update"] == "adversarial")
+        return out.loss, {"kd": out.kd_loss.detach(), "d_loss": out.d_loss.detach(),
+                          "train_accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+
+    def on_train_end(self, ema_model, accelerator, output_dir):
+        """Score and save the student alone (``model_config.json`` as the classifier method)."""
+        return super().on_train_end(ema_model.student, accelerator, output_dir)

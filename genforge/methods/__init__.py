@@ -1,13 +1,12 @@
-"""Trainable methods; importing this package registers them with the training loop.
+"""Training Methods of the generic tasks; importing this package registers them with the training loop.
 
 ``diffusion`` (``dimr``, ``dit``, ``unet2d``), ``classification`` (``classifier``: any timm
-model), ``diffusion_probe`` (a head on frozen diffusion features), ``kd`` (``kd`` and
-``meal_v2``: online distillation from frozen teachers), ``reinforced`` (a student trained
-from a reinforced dataset), ``m2mkd`` (``m2mkd``: module-to-module distillation;
-``modular_student``: the MoE student trained end to end) and ``concentration``
-(``specialists`` and ``concentration``: knowledge concentration).
+model), ``diffusion_probe`` (a head on frozen diffusion features) and ``sampling`` (what a
+diffusion run samples and scores at its end). A method family with its own package keeps its
+Methods there: the knowledge-transfer ones (``kd``, ``meal_v2``, ``reinforced``, ``specialists``,
+``concentration``, ``m2mkd``, ``modular_student``) are in :mod:`genforge.kd`.
 """
 
-from genforge.methods import classification, concentration, diffusion, diffusion_probe, kd, m2mkd, reinforced
+from genforge.methods import classification, diffusion, diffusion_probe
 
-__all__ = ["classification", "concentration", "diffusion", "diffusion_probe", "kd", "m2mkd", "reinforced"]
+__all__ = ["classification", "diffusion", "diffusion_probe"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from timm.optim import param_groups_weight_decay
 
 from genforge.config import ConfigError, Recipe, check_known_keys
 from genforge.core.errors import one_line
+from genforge.core.io import atomic_write
 from genforge.data import build_dataset
 from genforge.metrics.calibration import expected_calibration_error
 from genforge.train import Method, register_method
@@ -132,10 +132,9 @@ def pretrained_overlay(model_name: str, file: str) -> dict:
 
 
 def save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
-    """safetensors of the state dict (buffers included), written under a temporary name then renamed."""
-    partial = path.with_name(path.name + ".partial")
-    save_model(model, str(partial))
-    os.replace(partial, path)
+    """safetensors of the state dict (buffers included), written atomically (:mod:`genforge.core.io`)."""
+    with atomic_write(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def finish_classifier(model: torch.nn.Module, test_set, recipe: Recipe, output_dir: Path) -> dict:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from genforge.core.io import atomic_write
 from genforge.core.state_dict import load_state_dict_strict, read_state_dict
 from genforge.data.digits import DigitsDataset
 from genforge.data.transforms import match_channels, resize_bilinear
@@ -161,9 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = {mode: round(digits_test_accuracy(model, mode), 4) for mode in LAYOUTS}
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(args.out)
+    with atomic_write(args.out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     facts = {
         "weights": args.out.name, "seed": args.seed, "epochs": args.epochs,
         "train_split": "digits train (1437 images, genforge/data/digits_split.json)",

@@ -2,7 +2,8 @@
 [--max-steps N] [--output-dir D]`.
 
 Works unchanged under `accelerate launch -m genforge.train ...`. Built-in methods register
-themselves when the registry first looks a name up (it imports `genforge.methods`).
+themselves when the registry first looks a name up (it imports `genforge.methods` and
+`genforge.kd`).
 `--set KEY=VALUE` overrides any recipe key (dotted, value parsed as YAML), e.g.
 `--set train.lr=1e-4`. Configuration and checkpoint problems exit with status 2 and a
 one-line message instead of a traceback.
@@ -11,29 +12,13 @@ one-line message instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-import yaml
 from accelerate import PartialState
 
-from genforge.config import ConfigError, load_recipe
+from genforge.config import ConfigError, add_override_arguments, load_recipe, overrides_from_args
 from genforge.train.checkpoint import CheckpointError
 from genforge.train.loop import train
-
-
-_E_NOTATION = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _parse_set(item: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as YAML; a number YAML 1.1 leaves a string (``1e-2``) is a float."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str) and _E_NOTATION.fullmatch(parsed.strip()):
-        return key, float(parsed)
-    return key, parsed
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m genforge.train") -> int:
@@ -49,16 +34,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m genforge.train") 
     resume.add_argument("--resume-from", metavar="CKPT",
                         help="continue from this checkpoint directory (<output_dir>/checkpoints/step_N)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    add_override_arguments(parser, "train.lr=1e-4")
     args = parser.parse_args(argv)
 
-    overrides = dict(args.set)
+    overrides = overrides_from_args(args)
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
     try:
         recipe = load_recipe(args.recipe, overrides)
         result = train(recipe, resume="auto" if args.auto_resume else args.resume,

@@ -1,9 +1,10 @@
 """The method registry: the one place where a recipe's `method:` name becomes a class.
 
 The training loop knows no method by name. A method module decorates its `Method`
-subclass with `@register_method("name")`; the package `genforge.methods` imports its
-modules so that importing it registers all built-in methods. The registry imports that
-package the first time a name is missing (or the list is asked for), so
+subclass with `@register_method("name")`; the packages `genforge.methods` (the generic
+tasks) and `genforge.kd` (the knowledge-transfer families) import their modules so that
+importing them registers all built-in methods. The registry imports those packages the
+first time a name is missing (or the list is asked for), so
 `load_recipe("recipes/dimr/digits.yaml")` works without the caller importing anything.
 Registering a name twice is an error, never a silent overwrite.
 """
@@ -15,7 +16,7 @@ import importlib.util
 
 __all__ = ["RegistryError", "register_method", "get_method", "available_methods"]
 
-_BUILTIN_PACKAGE = "genforge.methods"
+_BUILTIN_PACKAGES = ("genforge.methods", "genforge.kd")
 _METHODS: dict[str, type] = {}
 _builtins_imported = False
 
@@ -44,12 +45,13 @@ def register_method(name: str):
 
 
 def _import_builtin_methods() -> None:
-    """Import `genforge.methods` once, if that package exists, so its methods register."""
+    """Import the built-in method packages once (those that exist), so their methods register."""
     global _builtins_imported
     if _builtins_imported:
         return
-    if importlib.util.find_spec(_BUILTIN_PACKAGE) is not None:
-        importlib.import_module(_BUILTIN_PACKAGE)
+    for package in _BUILTIN_PACKAGES:
+        if importlib.util.find_spec(package) is not None:
+            importlib.import_module(package)
     _builtins_imported = True
 
 

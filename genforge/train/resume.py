@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genforge.config import ConfigError, Recipe, read_yaml, recipe_to_dict
+from genforge.config import ConfigError, Recipe, read_yaml, recipe_to_dict, setting_differences
 
 __all__ = ["HARMLESS", "check_resume_settings", "record_resume"]
 
@@ -52,7 +52,7 @@ def check_resume_settings(run_dir, recipe: Recipe) -> dict[str, list]:
                if old.get(k) != new.get(k)}
     refused = {k: v for k, v in changed.items() if k not in HARMLESS}
     if refused:
-        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        listing = setting_differences(old, new, list(refused))
         raise ConfigError(
             f"resuming {run_dir} with settings that change the run's result ({listing}); the run "
             f"recorded them in {saved_file}. Resume with the recorded settings, or start a new "

@@ -4,8 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import genforge
-from genforge.distill import load_real
+from genforge.distill import SyntheticSet, distill_dataset, load_real
 
 
 def _folder(root, colours):
@@ -31,17 +30,17 @@ def test_an_image_folder_with_a_separate_test_folder_distils(tmp_path):
     real, test = load_real("image_folder", root=str(tmp_path / "train"), test_root=str(tmp_path / "val"),
                            image_size=8)
     assert real.num_classes == 2 and real.image_shape == (3, 8, 8) and len(test.labels) == 6
-    syn = genforge.distill("dm", real, ipc=2, iterations=2, net_width=4, net_depth=2, batch_real=3, progress=False)
+    syn = distill_dataset("dm", real, ipc=2, iterations=2, net_width=4, net_depth=2, batch_real=3, progress=False)
     assert syn.images.shape == (4, 3, 8, 8) and syn.labels.tolist() == [0, 0, 1, 1]
 
 
 def test_zca_data_round_trips_to_pixels(tmp_path):
     real, test = load_real("digits", zca=True)
     assert real.zca is not None and test.zca is real.zca
-    syn = genforge.distill("random", real, ipc=1, seed=0)
+    syn = distill_dataset("random", real, ipc=1, seed=0)
     path = tmp_path / "zca.safetensors"
     syn.save(path)
-    back = genforge.distill.SyntheticSet.load(path)
+    back = SyntheticSet.load(path)
     pixels = back.pixels()
     original = real.to_pixels(real.images)
     assert any(torch.allclose(pixels[0], img, atol=1e-3) for img in original[real.labels == 0])

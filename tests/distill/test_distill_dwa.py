@@ -152,12 +152,12 @@ def test_networks_without_batch_norm_are_refused():
 
 
 def test_dwa_batches_start_from_the_random_subset_of_the_same_seed(digits):
-    import genforge
+    from genforge.distill import distill_dataset
 
     real, _ = digits
-    subset = genforge.distill("random", real, ipc=2, seed=4)
+    subset = distill_dataset("random", real, ipc=2, seed=4)
     teacher = build_convnet(1, 10, 8, width=4, depth=2, norm="batchnorm", seed=0).eval()
-    start = genforge.distill("dwa", real, ipc=2, seed=4, teacher=teacher, iterations=1, lr=1e-12, rho=0.0,
-                             progress=False)
+    start = distill_dataset("dwa", real, ipc=2, seed=4, teacher=teacher, iterations=1, lr=1e-12, rho=0.0,
+                            progress=False)
     torch.testing.assert_close(start.images, subset.images, atol=1e-6, rtol=0)
     assert torch.equal(start.labels, subset.labels)

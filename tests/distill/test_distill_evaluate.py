@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 
-import genforge
-from genforge.distill import EvalOptions, evaluate_synthetic
+from genforge.distill import EvalOptions, distill_dataset, evaluate_synthetic
 from genforge.distill.dwa import DWAOptions, train_teacher
 from genforge.distill.evaluate import _kd_loss, train_network
 from genforge.distill.networks import build_convnet
@@ -76,7 +75,7 @@ def test_soft_label_loss_is_t2_scaled_kl_at_the_temperature():
 def test_teacher_relabelling_never_reads_the_hard_labels(digits):
     real, test = digits
     teacher = train_teacher(real, DWAOptions(teacher_width=16, teacher_epochs=15), seed=0, progress=False)
-    syn = genforge.distill("random", real, ipc=10, seed=0)
+    syn = distill_dataset("random", real, ipc=10, seed=0)
     wrong = (syn.labels + 1) % 10
     options = EvalOptions(soft="teacher", num_eval=1, epochs=30, batch_size=25, net_width=16)
     result = evaluate_synthetic(syn.images, test, options, labels=wrong, teacher=teacher, progress=False)
@@ -85,7 +84,7 @@ def test_teacher_relabelling_never_reads_the_hard_labels(digits):
 
 def test_soft_label_modes_need_their_inputs_and_shapes_must_match(digits):
     real, test = digits
-    syn = genforge.distill("random", real, ipc=1, seed=0)
+    syn = distill_dataset("random", real, ipc=1, seed=0)
     with pytest.raises(ValueError, match="carries no soft labels"):
         evaluate_synthetic(syn, test, EvalOptions(soft="stored"), progress=False)
     with pytest.raises(ValueError, match="needs the teacher"):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-import genforge
+import genforge.distill.api
+from genforge.distill import SyntheticSet, distill_dataset
 from genforge.distill.data import RealData
 from genforge.distill.dm import dm_objective
 from genforge.distill.matching import MatchingOptions, distill_by_matching
@@ -42,9 +43,9 @@ def test_each_iteration_draws_a_fresh_network(digits):
 def test_class_shards_distilled_apart_equal_one_run(digits, method):
     real, _ = digits
     kwargs = dict(iterations=4, progress=False, **SMALL)
-    whole = genforge.distill(method, real, ipc=2, seed=1, **kwargs)
-    parts = [genforge.distill(method, real, ipc=2, seed=1, shard=(i, 3), **kwargs) for i in range(3)]
-    merged = genforge.distill.SyntheticSet.merge(parts)
+    whole = distill_dataset(method, real, ipc=2, seed=1, **kwargs)
+    parts = [distill_dataset(method, real, ipc=2, seed=1, shard=(i, 3), **kwargs) for i in range(3)]
+    merged = SyntheticSet.merge(parts)
     assert torch.equal(merged.labels, whole.labels)
     torch.testing.assert_close(merged.images, whole.images)
 
@@ -52,24 +53,24 @@ def test_class_shards_distilled_apart_equal_one_run(digits, method):
 def test_batch_norm_matching_refuses_class_shards(digits):
     real, _ = digits
     with pytest.raises(ValueError, match="per-sample norm"):
-        genforge.distill("dm", real, ipc=1, shard=(0, 2), iterations=1, net_norm="batchnorm", progress=False)
+        distill_dataset("dm", real, ipc=1, shard=(0, 2), iterations=1, net_norm="batchnorm", progress=False)
 
 
 def test_a_killed_run_resumes_to_the_same_images(digits, tmp_path):
     real, _ = digits
     kwargs = dict(ipc=1, seed=2, progress=False, checkpoint_every=3, **SMALL)
-    straight = genforge.distill("datadam", real, iterations=6, **kwargs)
-    genforge.distill("datadam", real, iterations=3, output_dir=tmp_path, **kwargs)
+    straight = distill_dataset("datadam", real, iterations=6, **kwargs)
+    distill_dataset("datadam", real, iterations=3, output_dir=tmp_path, **kwargs)
     with pytest.raises(ValueError, match="different run"):
-        genforge.distill("datadam", real, iterations=6, output_dir=tmp_path, resume=True, power=1.0, **kwargs)
-    resumed = genforge.distill("datadam", real, iterations=6, output_dir=tmp_path, resume=True, **kwargs)
+        distill_dataset("datadam", real, iterations=6, output_dir=tmp_path, resume=True, power=1.0, **kwargs)
+    resumed = distill_dataset("datadam", real, iterations=6, output_dir=tmp_path, resume=True, **kwargs)
     torch.testing.assert_close(resumed.images, straight.images)
 
 
 def test_resume_without_a_saved_state_is_an_error(digits, tmp_path):
     real, _ = digits
     with pytest.raises(FileNotFoundError, match="no distillation state"):
-        genforge.distill("dm", real, ipc=1, iterations=2, output_dir=tmp_path, resume=True, progress=False, **SMALL)
+        distill_dataset("dm", real, ipc=1, iterations=2, output_dir=tmp_path, resume=True, progress=False, **SMALL)
 
 
 @pytest.mark.parametrize(("method", "official_batch_real"), [("dm", 256), ("datadam", 64)])
@@ -84,5 +85,5 @@ def test_engines_take_their_official_real_batch_by_default(monkeypatch, method, 
         return torch.cat(s).sum() * 0, {}
 
     monkeypatch.setattr(genforge.distill.api, "dm_objective" if method == "dm" else "datadam_objective", recording)
-    genforge.distill(method, real, ipc=1, iterations=2, net_width=4, net_depth=2, progress=False)
+    distill_dataset(method, real, ipc=1, iterations=2, net_width=4, net_depth=2, progress=False)
     assert sizes == [[official_batch_real] * 2] * 2

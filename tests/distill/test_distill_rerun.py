@@ -16,9 +16,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import genforge
 from genforge.cli import main
-from genforge.distill import SyntheticSet
+from genforge.distill import SyntheticSet, distill_dataset, load_real
 from genforge.distill.api import resolve_teacher, teacher_settings
 from genforge.distill.dwa import DWAOptions
 from genforge.distill.state import settings_digest
@@ -47,7 +46,7 @@ def test_a_rerun_over_a_killed_run_is_refused_and_overwrite_starts_again(digits,
     real, _ = digits
     run = tmp_path / "run"
     kwargs = dict(ipc=1, seed=0, progress=False, checkpoint_every=2, **SMALL)
-    genforge.distill("dm", real, iterations=2, output_dir=run, **kwargs)  # what a run killed at iteration 2 leaves
+    distill_dataset("dm", real, iterations=2, output_dir=run, **kwargs)  # what a run killed at iteration 2 leaves
     state = (run / "distill_state.safetensors").read_bytes()
 
     err = one_line_error(capsys, main(["distill", recipe(tmp_path), "--no-progress"]))
@@ -55,10 +54,10 @@ def test_a_rerun_over_a_killed_run_is_refused_and_overwrite_starts_again(digits,
     assert "--resume" in err and "--overwrite" in err
     assert (run / "distill_state.safetensors").read_bytes() == state and not (run / "metrics.json").exists()
     with pytest.raises(ValueError, match="already holds"):  # the python API refuses the same way
-        genforge.distill("dm", real, iterations=4, output_dir=run, **kwargs)
+        distill_dataset("dm", real, iterations=4, output_dir=run, **kwargs)
 
     assert main(["distill", recipe(tmp_path), "--no-progress", "--overwrite"]) == 0
-    fresh = genforge.distill("dm", real, iterations=4, **kwargs)
+    fresh = distill_dataset("dm", real, iterations=4, **kwargs)
     assert torch.equal(SyntheticSet.load(run / "synthetic_set.safetensors").images, fresh.images)
     err = one_line_error(capsys, main(["distill", recipe(tmp_path), "--no-progress"]))  # a finished run too
     assert "synthetic_set.safetensors" in err and "metrics.json" in err
@@ -67,12 +66,12 @@ def test_a_rerun_over_a_killed_run_is_refused_and_overwrite_starts_again(digits,
 def test_auto_resume_continues_a_saved_run_and_starts_an_empty_one(digits, tmp_path):
     real, _ = digits
     kwargs = dict(ipc=1, seed=0, progress=False, checkpoint_every=2, **SMALL)
-    straight = genforge.distill("dm", real, iterations=4, **kwargs)
-    genforge.distill("dm", real, iterations=2, output_dir=tmp_path / "a", resume="auto", **kwargs)
-    resumed = genforge.distill("dm", real, iterations=4, output_dir=tmp_path / "a", resume="auto", **kwargs)
+    straight = distill_dataset("dm", real, iterations=4, **kwargs)
+    distill_dataset("dm", real, iterations=2, output_dir=tmp_path / "a", resume="auto", **kwargs)
+    resumed = distill_dataset("dm", real, iterations=4, output_dir=tmp_path / "a", resume="auto", **kwargs)
     assert torch.equal(resumed.images, straight.images)
     with pytest.raises(ValueError, match="exclude each other"):
-        genforge.distill("dm", real, iterations=4, output_dir=tmp_path / "a", resume=True, overwrite=True, **kwargs)
+        distill_dataset("dm", real, iterations=4, output_dir=tmp_path / "a", resume=True, overwrite=True, **kwargs)
 
 
 def test_the_dwa_teacher_cache_is_keyed_on_the_settings_that_made_it(digits, tmp_path):
@@ -98,24 +97,24 @@ def test_dwa_batches_made_with_other_settings_are_refused_on_resume(digits, tmp_
     real, _ = digits
     kwargs = dict(ipc=2, seed=0, progress=False, **DWA)
     teacher = resolve_teacher(None, real, DWAOptions(**DWA), 0, None, False)
-    straight = genforge.distill("dwa", real, teacher=teacher, **kwargs)
-    genforge.distill("dwa", real, teacher=teacher, output_dir=tmp_path, **{**kwargs, "ipc": 1})
+    straight = distill_dataset("dwa", real, teacher=teacher, **kwargs)
+    distill_dataset("dwa", real, teacher=teacher, output_dir=tmp_path, **{**kwargs, "ipc": 1})
     with pytest.raises(ValueError, match=r"ipc_0.safetensors belongs to a different run.*options: .*'rho': 0.015"):
-        genforge.distill("dwa", real, teacher=teacher, output_dir=tmp_path, resume=True, **{**kwargs, "rho": 0.0})
+        distill_dataset("dwa", real, teacher=teacher, output_dir=tmp_path, resume=True, **{**kwargs, "rho": 0.0})
     other = resolve_teacher(None, real, DWAOptions(**DWA), 1, None, False)
     with pytest.raises(ValueError, match="differing settings .*teacher: "):
-        genforge.distill("dwa", real, teacher=other, output_dir=tmp_path, resume=True, **kwargs)
-    resumed = genforge.distill("dwa", real, teacher=teacher, output_dir=tmp_path, resume=True, **kwargs)
+        distill_dataset("dwa", real, teacher=other, output_dir=tmp_path, resume=True, **kwargs)
+    resumed = distill_dataset("dwa", real, teacher=teacher, output_dir=tmp_path, resume=True, **kwargs)
     assert torch.equal(resumed.images, straight.images)
 
 
 def test_a_matching_state_of_other_data_is_refused_on_resume(digits, tmp_path):
     real, _ = digits
     kwargs = dict(ipc=1, seed=0, progress=False, checkpoint_every=2, iterations=2, **SMALL)
-    genforge.distill("dm", real, output_dir=tmp_path, **kwargs)
-    other = genforge.distill.load_real("digits", zca=True)[0]  # same shapes, whitened pixels
+    distill_dataset("dm", real, output_dir=tmp_path, **kwargs)
+    other = load_real("digits", zca=True)[0]  # same shapes, whitened pixels
     with pytest.raises(ValueError, match="differing settings .*data: "):
-        genforge.distill("dm", other, output_dir=tmp_path, resume=True, **kwargs)
+        distill_dataset("dm", other, output_dir=tmp_path, resume=True, **kwargs)
 
 
 @pytest.mark.parametrize("key", ["root", "test_root"])
@@ -161,7 +160,7 @@ def _damage(tmp_path, what):
         save_file({"w": torch.zeros(3)}, str(path))
         return path, ["--set", f"distill.teacher={path}"]
     if what == "cached teacher":
-        real = genforge.distill.load_real("digits")[0]
+        real = load_real("digits")[0]
         name = f"teacher-{settings_digest(teacher_settings(real, DWAOptions(**DWA), 0))}.safetensors"
         path = tmp_path / "run" / name
         path.parent.mkdir()

@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-import genforge
-from genforge.distill import Normalisation, RealData, SyntheticSet
+from genforge.distill import Normalisation, RealData, SyntheticSet, distill_dataset
 from genforge.distill.synthetic import initial_images
 from genforge.distill.zca import ZCA
 
@@ -29,7 +28,7 @@ def test_a_saved_synthetic_set_reloads_identically(tmp_path):
     assert (back.method, back.ipc, back.seed, back.normalisation, back.extra) == \
         (syn.method, syn.ipc, syn.seed, syn.normalisation, syn.extra)
     torch.testing.assert_close(back.pixels(), syn.pixels())
-    assert not (tmp_path / "set.safetensors.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.safetensors"]  # no temporary file left
 
 
 def test_pixels_undo_zca_and_standardisation():
@@ -82,15 +81,15 @@ def test_bad_input_is_refused_before_any_work(digits):
     real, _ = digits
     smallest = min(real.class_count(c) for c in range(10))
     with pytest.raises(ValueError, match=f"ipc={smallest + 1} is larger"):
-        genforge.distill("dm", real, ipc=smallest + 1, progress=False)
+        distill_dataset("dm", real, ipc=smallest + 1, progress=False)
     with pytest.raises(ValueError, match="unknown distillation method 'datadm'"):
-        genforge.distill("datadm", real, ipc=1)
+        distill_dataset("datadm", real, ipc=1)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['rhoo'\]"):
-        genforge.distill("dwa", real, ipc=1, rhoo=0.1)
+        distill_dataset("dwa", real, ipc=1, rhoo=0.1)
     with pytest.raises(ValueError, match="flip"):
-        genforge.distill("random", real, ipc=1, flip=True)
+        distill_dataset("random", real, ipc=1, flip=True)
     with pytest.raises(ValueError, match=r"must be \(N, C, H, W\)"):
         RealData(torch.rand(10, 8, 8), torch.zeros(10, dtype=torch.long), 1)
     odd = RealData(torch.rand(20, 1, 6, 6), torch.arange(20) % 2, 2)
     with pytest.raises(ValueError, match="not divisible"):
-        genforge.distill("dm", odd, ipc=1, net_depth=2, iterations=1, progress=False)
+        distill_dataset("dm", odd, ipc=1, net_depth=2, iterations=1, progress=False)

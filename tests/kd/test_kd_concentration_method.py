@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-import genforge.methods.concentration  # noqa: F401  (registers the two methods)
 from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import build_dataset
-from genforge.kd.concentration import Verticals
+from genforge.kd.concentration import (ConcentrationMethod, SpecialistBank, Verticals, load_student, specialist_dir,
+                                       specialists_loss)
 from genforge.kd.teachers import load_classifier
 from genforge.methods.classification import predict_logits
-from genforge.methods.concentration import (ConcentrationMethod, SpecialistBank, load_student, specialist_dir,
-                                            specialists_loss)
 from genforge.train import train
 
 GROUPS = [[0, 4, 7], [1, 2, 3, 5], [6, 8, 9]]  # not contiguous: vertical order != class-id order

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genforge.kd.ensemble import TeacherEnsemble
-from genforge.kd.losses import classic_kd_loss, kd_kl_loss, soft_cross_entropy
+from genforge.kd.losses import kd_kl_loss, soft_cross_entropy
 
 
 def _linear(in_features, classes, seed):
@@ -114,29 +114,6 @@ def test_kd_kl_accepts_sparse_teacher_probs():
     torch.testing.assert_close(
         loss, F.kl_div(z_s.log_softmax(-1), p_t, reduction="batchmean")
     )
-
-
-def test_classic_kd_mixes_hard_ce_and_soft_kd_with_alpha():
-    torch.manual_seed(0)
-    z_s, z_t, y, T = (
-        torch.randn(4, 7),
-        torch.randn(4, 7),
-        torch.tensor([0, 3, 6, 2]),
-        2.0,
-    )
-    ce = F.cross_entropy(z_s, y)
-    kd = kd_kl_loss(z_s, temperature=T, teacher_logits=z_t)
-    torch.testing.assert_close(
-        classic_kd_loss(z_s, y, z_t, alpha=0.0, temperature=T), ce
-    )
-    torch.testing.assert_close(
-        classic_kd_loss(z_s, y, z_t, alpha=1.0, temperature=T), kd
-    )
-    torch.testing.assert_close(
-        classic_kd_loss(z_s, y, z_t, alpha=0.3, temperature=T), 0.7 * ce + 0.3 * kd
-    )
-    with pytest.raises(ValueError, match="alpha"):
-        classic_kd_loss(z_s, y, z_t, alpha=1.5, temperature=T)
 
 
 def test_mismatched_shapes_are_refused():

@@ -6,10 +6,14 @@ import itertools
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from genforge.kd.ensemble import TeacherEnsemble
-from genforge.kd.meal_v2 import MealV2Discriminator, meal_v2_loss, meal_v2_param_groups
+from genforge.kd.meal_v2 import MealV2Discriminator, MealV2Method, meal_v2_loss, meal_v2_param_groups
+from genforge.kd.teachers import load_classifier
+from genforge.train import train
+from genforge.train.loop import _optimizer
 
 B, C = 8, 10
 
@@ -182,3 +186,87 @@ def test_teachers_with_different_class_counts_are_refused():
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match="teacher 1 \\(Sequential\\): 7 classes"):
         TeacherEnsemble([_cnn(4), _cnn(4, classes=7)], sample_input=x)
+
+
+# ----------------------------------------------------------------------------- the meal_v2 method
+
+
+def test_meal_v2_loss_never_reads_labels(tmp_path, teachers, kd_recipe, batch_of):
+    method = MealV2Method(kd_recipe(tmp_path, "meal_v2", teachers, channel_divisor=2))
+    model = method.build_model()
+    images, labels = batch_of(method)
+    grads = []
+    for y in (labels, labels.flip(0), torch.zeros_like(labels)):
+        model.zero_grad()
+        loss, _ = method.training_step(model, (images, y))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, g in grads[1:]:
+        assert torch.equal(loss, grads[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0][1]))
+
+
+def test_meal_v2_groups_have_no_weight_decay_and_their_own_lr(tmp_path, teachers, kd_recipe):
+    for follow, d_lr in ((False, 1e-4), (True, 1e-3)):
+        method = MealV2Method(kd_recipe(tmp_path, "meal_v2", teachers, channel_divisor=2, follow_student_lr=follow))
+        groups = method.parameter_groups(method.build_model())
+        assert [g["name"] for g in groups] == ["student", "discriminator"]
+        assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+        assert groups[1]["lr"] == pytest.approx(d_lr)
+
+
+def test_adversarial_update_reverses_only_the_discriminator_gradient():
+    torch.manual_seed(0)
+    disc = MealV2Discriminator(10, channel_divisor=2, relu_last=False)
+    z = torch.randn(6, 10, requires_grad=True)
+    probs, mean_logits = torch.softmax(torch.randn(6, 10), -1), torch.randn(6, 10)
+    parts = {}
+    for name in ("kd_loss", "d_loss"):
+        (g,) = torch.autograd.grad(getattr(meal_v2_loss(z, probs, mean_logits, disc), name), z)
+        parts[name] = g
+    for adversarial, sign in ((False, 1.0), (True, -1.0)):
+        (g,) = torch.autograd.grad(meal_v2_loss(z, probs, mean_logits, disc, adversarial=adversarial).loss, z)
+        torch.testing.assert_close(g, parts["kd_loss"] + sign * parts["d_loss"])
+
+
+def test_meal_v2_trains_from_the_pretrained_student_and_resumes_with_its_discriminator(tmp_path, teachers, kd_recipe,
+                                                                                         classifier_run):
+    start = classifier_run(tmp_path / "student", "test_efficientnet", seed=5)
+    weights = str(start / "model.safetensors")
+    base = dict(channel_divisor=2, pretrained_file=weights)
+    step0 = MealV2Method(kd_recipe(tmp_path, "meal_v2", teachers, **base)).build_model()
+    reference = load_classifier(start, num_classes=10).state_dict()
+    for key, value in step0.student.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+    full = train(kd_recipe(tmp_path / "full", "meal_v2", teachers, steps=4, **base))
+    train(kd_recipe(tmp_path / "cut", "meal_v2", teachers, steps=2, **base))
+    resumed = train(kd_recipe(tmp_path / "cut", "meal_v2", teachers, steps=4, **base), resume=True)
+    assert resumed.resumed_from == 2
+    a = load_file(str(full.output_dir / "model" / "model.safetensors"))
+    b = load_file(str(resumed.output_dir / "model" / "model.safetensors"))
+    assert any(k.startswith("discriminator.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert "test_accuracy" in resumed.metrics
+    saved = load_classifier(resumed.output_dir)  # the student alone, loadable as a teacher
+    assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in step0.student.parameters())
+
+
+def test_sgd_from_the_recipe_accelerates_along_a_constant_gradient(tmp_path, teachers, kd_recipe):
+    """Heavy ball: with a constant gradient the second step is (1 + momentum) times the first."""
+    r = kd_recipe(tmp_path, "meal_v2", teachers, steps=1, channel_divisor=2)
+    r.train.optimizer, r.train.momentum = "sgd", 0.5
+    method = MealV2Method(r)
+    model = method.build_model()
+    opt = _optimizer(r.train, method.parameter_groups(model))
+    params = [p for group in opt.param_groups for p in group["params"]]
+    positions = [torch.cat([p.detach().flatten() for p in params])]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        positions.append(torch.cat([p.detach().flatten() for p in params]))
+    first, second = positions[0] - positions[1], positions[1] - positions[2]
+    assert (first > 0).all()
+    torch.testing.assert_close(second, 1.5 * first)

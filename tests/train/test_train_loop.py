@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from genforge.config import ConfigError, check_known_keys, recipe_from_dict
 from genforge.train import CheckpointError, Method, list_checkpoints, register_method, train
+from genforge.train.loop import _lr_factor
 
 TOY = "toy_regression_train_loop_tests"
 
@@ -174,15 +175,6 @@ def test_fresh_run_refuses_to_mix_with_an_existing_run_but_auto_resume_continues
     assert train(make_recipe(tmp_path / "new", max_steps=1), resume="auto").resumed_from is None
 
 
-def test_set_overrides_read_yaml_and_e_notation_numbers():
-    from genforge.train.__main__ import _parse_set
-
-    assert _parse_set("train.lr=1e-2") == ("train.lr", 0.01)
-    assert _parse_set("train.lr=0.5") == ("train.lr", 0.5)
-    assert _parse_set("data.name=digits") == ("data.name", "digits")
-    assert _parse_set("model.args={depth: 2}") == ("model.args", {"depth": 2})
-
-
 def test_resume_refuses_changed_settings_that_alter_the_result_naming_each_key(tmp_path):
     train(make_recipe(tmp_path, max_steps=2, checkpoint_every=1))
     recorded = (tmp_path / "recipe.yaml").read_text()
@@ -217,3 +209,10 @@ def test_an_output_or_checkpoint_path_that_is_a_file_is_refused_before_training(
         train(make_recipe(out, max_steps=2))
     if as_file:  # the run folder exists: nothing was trained or logged into it
         assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_lr_factor_warms_up_then_steps_down_at_each_milestone():
+    factor = _lr_factor(2, milestones=[5, 8], gamma=0.1)
+    values = [factor(s) for s in range(10)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[4] == 1.0 and values[5] == pytest.approx(0.1) and values[8] == pytest.approx(0.01)

@@ -1,5 +1,9 @@
 """The method registry: explicit, name clashes are errors, unknown names list the known."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from genforge.train import Method, RegistryError, available_methods, get_method, register_method
@@ -27,3 +31,16 @@ def test_registering_a_name_twice_is_an_error():
 def test_unknown_method_lists_the_registered_ones():
     with pytest.raises(RegistryError, match="unknown method 'nope'.*toy_registry_tests_a"):
         get_method("nope")
+
+
+BUILT_IN = {"classifier", "diffusion_probe", "dimr", "dit", "unet2d",  # genforge.methods
+            "kd", "meal_v2", "reinforced", "specialists", "concentration", "m2mkd", "modular_student"}  # genforge.kd
+
+
+def test_every_built_in_method_registers_without_the_caller_importing_its_package():
+    """A fresh interpreter that imports only the training package finds the generic and the kd methods."""
+    code = "from genforge.train import available_methods; print(' '.join(available_methods()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(done.stdout.split()) == BUILT_IN

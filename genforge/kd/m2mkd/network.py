@@ -1,23 +1,21 @@
-"""m2mKD: module-to-module knowledge distillation through a shared meta model.
+"""m2mKD's networks: a ViT split into modules, the meta model, stitches, the hybrid forward, the MoE student.
 
 Lo et al., "m2mKD: Module-to-Module Knowledge Distillation for Modular Transformers",
 arXiv 2402.16918 (code: kamanphoebe/m2mKD, after Deep Incubation).
 
-A monolithic teacher ViT is split into modules T_i, a shallow meta model has one block per
-module, and each student module S_i (with stitch layers) is taught in a hybrid network:
+A monolithic teacher ViT is split into modules T_i (:func:`split_vit`), a shallow meta model
+has one block per module (:class:`MetaModel`), and each student module S_i (with stitch
+layers) runs in a hybrid network
     teacher path  logits_T = meta[i+1:](T_i(meta[0:i](x)))
     student path  logits_S = meta[i+1:](S_i(meta[0:i](x)))
-with meta and T_i frozen and the meta prefix under no_grad. The loss is DeiT's soft
-distillation
-    L = (1 - a) CE(logits_S, y) + a tau^2 KL_sum(log_softmax(logits_S/tau) || log_softmax(logits_T/tau)) / numel(logits_S)
-(`hard`: the second term is CE(logits_S, argmax logits_T)). Student module i carries a
+(:func:`hybrid_forward`), with the meta prefix under no_grad. Student module i carries a
 pre-stitch LayerNorm + Linear (meta dim -> student dim) unless it is the first module, and a
 post-stitch LayerNorm + Linear (student dim -> meta dim) unless it is the last, as the
 official vmoe.py builds them (`Block` / `MoeBlock`: `nn.Sequential(ln=LayerNorm, fc=Linear)`,
 so the state-dict keys end in `pre_stitch.ln.*`, `pre_stitch.fc.*`, `post_stitch.ln.*`,
-`post_stitch.fc.*` as there). The trained modules are
-then loaded into the modular student (a ViT whose MLPs are token-wise mixture-of-experts
-layers) and trained end to end.
+`post_stitch.fc.*` as there). The trained modules are then loaded into the modular student
+(:class:`ModularStudent`, a ViT whose MLPs are token-wise mixture-of-experts layers) and
+trained end to end. The loss and the training Methods are in :mod:`genforge.kd.m2mkd.method`.
 """
 
 from collections import OrderedDict
@@ -25,9 +23,11 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+__all__ = ["MetaModel", "MoEMlp", "ModularStudent", "Stitched", "ViTStage", "hybrid_forward", "no_weight_decay_names",
+           "split_vit", "student_module"]
 
 # ----------------------------------------------------------------------------- splitting
 
@@ -184,64 +184,6 @@ def hybrid_forward(
     for stage in meta_modules[i + 1 :]:
         x = stage(x)
     return x
-
-
-# ----------------------------------------------------------------------------- loss and step
-
-
-def m2mkd_loss(
-    logits_s: torch.Tensor,
-    logits_t: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.5,
-    tau: float = 1.0,
-    distillation_type: str = "soft",
-) -> torch.Tensor:
-    """(1 - alpha) CE + alpha * distillation term (DeiT normalisation). `labels` may be soft (mixup)."""
-    base = F.cross_entropy(logits_s, labels)
-    if distillation_type == "soft":
-        kd = (
-            F.kl_div(
-                F.log_softmax(logits_s / tau, dim=-1),
-                F.log_softmax(logits_t / tau, dim=-1),
-                reduction="sum",
-                log_target=True,
-            )
-            * (tau * tau)
-            / logits_s.numel()
-        )
-    elif distillation_type == "hard":
-        kd = F.cross_entropy(logits_s, logits_t.argmax(dim=-1))
-    else:
-        raise ValueError(
-            f"distillation_type must be 'soft' or 'hard', got {distillation_type!r}"
-        )
-    return (1 - alpha) * base + alpha * kd
-
-
-def m2mkd_pair_loss(
-    meta_modules: Sequence[nn.Module],
-    teacher_module: nn.Module,
-    student_module: nn.Module,
-    index: int,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.5,
-    tau: float = 1.0,
-    distillation_type: str = "soft",
-) -> torch.Tensor:
-    """The m2mKD loss of teaching pair `index`; meta and teacher must be frozen (see `genforge.kd.teachers.freeze`)."""
-    with torch.no_grad():
-        logits_t = hybrid_forward(meta_modules, index, teacher_module, images)
-    logits_s = hybrid_forward(meta_modules, index, student_module, images)
-    return m2mkd_loss(
-        logits_s,
-        logits_t,
-        labels,
-        alpha=alpha,
-        tau=tau,
-        distillation_type=distillation_type,
-    )
 
 
 # ----------------------------------------------------------------------------- modular student

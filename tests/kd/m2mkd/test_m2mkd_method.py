@@ -8,17 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-import genforge.methods.m2mkd  # noqa: F401  (registers the methods)
 from genforge.config import ConfigError, recipe_from_dict
-from genforge.kd.m2mkd import ModularStudent, split_vit, student_module
+from genforge.kd.m2mkd import M2MKDMethod, ModularStudent, ModularStudentMethod, split_vit, student_module
+from genforge.kd.m2mkd.method import HybridNetwork, module_path
 from genforge.kd.teachers import load_classifier
 from genforge.methods.classification import classification_metrics, predict_logits
-from genforge.methods.m2mkd import (
-    HybridNetwork,
-    M2MKDMethod,
-    ModularStudentMethod,
-    module_path,
-)
 from genforge.train import train
 
 VIT = {"img_size": 8, "patch_size": 4, "num_heads": 2}

@@ -1,11 +1,14 @@
-"""RandAugment as a replayable dataset-reinforcement transform (Faghri et al., arXiv 2303.08983)."""
+"""The replayable augmentations of dataset reinforcement (Faghri et al., arXiv 2303.08983), RandAugment included."""
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from genforge.kd.augment import (
+from genforge.data.transforms import signed_to_uint8
+from genforge.kd.reinforce.augment import (
     ORDER,
+    CutMix,
+    HorizontalFlip,
     MixUp,
     RandAugment,
     RandomErasing,
@@ -113,3 +116,73 @@ def test_bad_options_are_refused():
         RandAugment(num_ops=0)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         RandAugment().sample(torch.zeros(2, 8, 8), torch.Generator())
+
+
+def test_registry_fixes_order():
+    # given out of order on purpose: the registry fixes the order
+    pipe = ReinforcePipeline([CutMix(), RandomErasing(0.5), MixUp(), HorizontalFlip(0.5), RandomResizedCrop(5)])
+    names = [t.name for t in pipe.transforms]
+    assert names == [
+        "random_resized_crop",
+        "horizontal_flip",
+        "random_erasing",
+        "mixup",
+        "cutmix",
+    ]
+
+
+def test_single_transforms_replay_exactly_and_params_vary():
+    x, x2 = torch.rand(3, 10, 10), torch.rand(3, 10, 10)
+    g = torch.Generator().manual_seed(1)
+    for t in (RandomResizedCrop(5), HorizontalFlip(0.5), RandomErasing(0.9)):
+        seen = []
+        for _ in range(8):
+            out, p = t.sample(x, g)
+            torch.testing.assert_close(t.apply(x, p), out, rtol=0, atol=0)
+            seen.append(p)
+        assert len({repr(p) for p in seen}) > 1
+    for t in (MixUp(1.0, 0.9), CutMix(1.0, 0.9)):
+        seen = []
+        for _ in range(8):
+            out, p = t.sample(x, g, x2)
+            torch.testing.assert_close(t.apply(x, p, x2), out, rtol=0, atol=0)
+            seen.append(p)
+        assert len({repr(p) for p in seen}) > 1
+
+
+@pytest.mark.parametrize("mix_p", [0.0, 0.5, 1.0])
+def test_pipeline_replay_and_compress_roundtrip(mix_p):
+    data = _images(n=6, size=10)
+    pipe = ReinforcePipeline([RandomResizedCrop(5), HorizontalFlip(0.5), RandomErasing(0.5), MixUp(1.0, mix_p),
+                              CutMix(1.0, mix_p)])
+    g = torch.Generator().manual_seed(3)
+    mixed = 0
+    for i in range(len(data)):
+        for _ in range(4):
+            id2 = int(torch.randint(len(data), (1,), generator=g))
+            out, params = pipe.sample(data[i], g, partner=(id2, data[id2]))
+            assert out.shape == (3, 5, 5)
+            flat = pipe.compress(params)
+            assert all(isinstance(v, float) for v in flat)
+            back = pipe.decompress(flat)
+            assert back == params
+            partner = data[back[0]] if back[0] is not None else None
+            mixed += back[0] is not None
+            torch.testing.assert_close(
+                pipe.apply(data[i], back, partner), out, rtol=0, atol=0
+            )
+    if mix_p == 1.0:
+        assert mixed == len(data) * 4
+    if mix_p == 0.0:
+        assert mixed == 0
+
+
+def test_random_erasing_fills_black_like_ml_dr():
+    """ml-dr erases to 0 before normalisation: black, pixel 0 (-1 in our [-1, 1] images)."""
+    x = torch.rand(3, 10, 10) * 1.8 - 0.9  # no black pixel before erasing
+    out, (top, left, h, w) = RandomErasing(p=1.0).sample(x, torch.Generator().manual_seed(0))
+    box = torch.zeros(10, 10, dtype=torch.bool)
+    box[top : top + h, left : left + w] = True
+    assert box.any()
+    assert (signed_to_uint8(out[:, box]) == 0).all()
+    torch.testing.assert_close(out[:, ~box], x[:, ~box], rtol=0, atol=0)

@@ -361,7 +361,7 @@ class RandomErasing:
 
 
 class _Mixing:
-    """Shared by MixUp and CutMix: the Beta(α, α) parameter, the probability p, the partner check."""
+    """Shared by MixUp and CutMix: the Beta(α, α) parameter, the probability p, and the replay (``apply``)."""
 
     mixing = True
 
@@ -372,12 +372,16 @@ class _Mixing:
     def config(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "p": self.p}
 
-    def _check_partner(self, x: torch.Tensor, partner: torch.Tensor | None) -> None:
+    def apply(self, x: torch.Tensor, params: Params, partner: torch.Tensor | None) -> torch.Tensor:
+        """Replay ``params`` on x with the partner image; None (the transform did not fire) returns x."""
+        if params is None:
+            return x
         if partner is None or partner.shape != x.shape:
             raise ValueError(
                 f"{type(self).__name__} needs a partner image of shape {tuple(x.shape)}, got "
                 f"{None if partner is None else tuple(partner.shape)}"
             )
+        return self._mix(x, params, partner)
 
 
 class MixUp(_Mixing):
@@ -396,13 +400,8 @@ class MixUp(_Mixing):
         )
         return self.apply(x, params, partner), params
 
-    def apply(
-        self, x: torch.Tensor, params: float | None, partner: torch.Tensor | None
-    ) -> torch.Tensor:
-        if params is None:
-            return x
-        self._check_partner(x, partner)
-        return params * x + (1.0 - params) * partner
+    def _mix(self, x: torch.Tensor, lam: float, partner: torch.Tensor) -> torch.Tensor:
+        return lam * x + (1.0 - lam) * partner
 
     def encode(self, params: float | None) -> list[float]:
         return [0.0] if params is None else [1.0, float(params)]
@@ -442,12 +441,7 @@ class CutMix(_Mixing):
         params = (lam, box)
         return self.apply(x, params, partner), params
 
-    def apply(
-        self, x: torch.Tensor, params: tuple | None, partner: torch.Tensor | None
-    ) -> torch.Tensor:
-        if params is None:
-            return x
-        self._check_partner(x, partner)
+    def _mix(self, x: torch.Tensor, params: tuple, partner: torch.Tensor) -> torch.Tensor:
         top, left, bottom, right = (int(v) for v in params[1])
         out = x.clone()
         out[:, top:bottom, left:right] = partner[:, top:bottom, left:right]

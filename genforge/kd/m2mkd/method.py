@@ -1,9 +1,11 @@
-"""m2mKD as training-loop methods: teach student modules, then train the assembled modular student.
+"""m2mKD's loss and training Methods: teach student modules, then train the assembled modular student.
 
 Lo et al., "m2mKD: Module-to-Module Knowledge Distillation for Modular Transformers",
 arXiv 2402.16918 (code: kamanphoebe/m2mKD, after Deep Incubation, arXiv 2212.04129). The
-pieces (splitting, stitching, the hybrid forward, the loss, the MoE student) are in
-:mod:`genforge.kd.m2mkd`; this module plugs them into the one training loop.
+networks (splitting, stitching, the hybrid forward, the MoE student) are in
+:mod:`genforge.kd.m2mkd.network`; this module holds the loss, DeiT's soft distillation
+(``hard``: the second term is CE(logits_S, argmax logits_T)), and plugs them into the one
+training loop.
 
 ``m2mkd`` (the m2mKD phase, Sec. 3): a monolithic teacher ViT and the shallow meta model,
 both ``classifier`` runs, are loaded frozen and split into modules T_i and meta stages
@@ -29,37 +31,26 @@ accuracy and ECE).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from genforge.config import ConfigError, check_known_keys
 from genforge.core.state_dict import StateDictError, read_state_dict
-from genforge.kd.m2mkd import (
-    ModularStudent,
-    hybrid_forward,
-    m2mkd_pair_loss,
-    no_weight_decay_names,
-    split_vit,
-    student_module,
-)
+from genforge.kd.m2mkd.network import ModularStudent, hybrid_forward, no_weight_decay_names, split_vit, student_module
 from genforge.kd.teachers import TeacherError, load_classifier, teacher_device
-from genforge.methods.classification import (
-    ClassificationMethod,
-    check_label_smoothing,
-    classification_metrics,
-    finish_classifier,
-    predict_logits,
-    save_weights_atomic,
-)
+from genforge.methods.classification import (ClassificationMethod, check_label_smoothing, classification_metrics,
+                                             finish_classifier, predict_logits, save_weights_atomic)
 from genforge.train import register_method
 
 __all__ = ["FrozenNetworks", "HybridNetwork", "M2MKDMethod", "ModularStudentMethod", "TaughtModules",
-           "load_student_modules", "module_path", "split_frozen"]
+           "load_student_modules", "m2mkd_loss", "m2mkd_pair_loss", "module_path", "split_frozen"]
 
 MODULES_DIR = "modules"
 STUDENT_CONFIG = "student_config.json"
@@ -71,6 +62,67 @@ SCRATCH_STUDENT_DEFAULTS = {**STUDENT_DEFAULTS, "meta_dim": None, "patch_size": 
 M2MKD_DEFAULTS = {"teacher": None, "meta": None, "teacher_depths": None, "student": None, "alpha": 0.5,
                   "tau": 1.0, "distillation_type": "soft", "indices": None}
 MODULAR_DEFAULTS = {"student": None, "m2mkd_run": None, "keep_stitches": True, "label_smoothing": 0.0}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def m2mkd_loss(
+    logits_s: torch.Tensor,
+    logits_t: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    tau: float = 1.0,
+    distillation_type: str = "soft",
+) -> torch.Tensor:
+    """(1 - alpha) CE + alpha * distillation term (DeiT normalisation). `labels` may be soft (mixup)."""
+    base = F.cross_entropy(logits_s, labels)
+    if distillation_type == "soft":
+        kd = (
+            F.kl_div(
+                F.log_softmax(logits_s / tau, dim=-1),
+                F.log_softmax(logits_t / tau, dim=-1),
+                reduction="sum",
+                log_target=True,
+            )
+            * (tau * tau)
+            / logits_s.numel()
+        )
+    elif distillation_type == "hard":
+        kd = F.cross_entropy(logits_s, logits_t.argmax(dim=-1))
+    else:
+        raise ValueError(
+            f"distillation_type must be 'soft' or 'hard', got {distillation_type!r}"
+        )
+    return (1 - alpha) * base + alpha * kd
+
+
+def m2mkd_pair_loss(
+    meta_modules: Sequence[nn.Module],
+    teacher_module: nn.Module,
+    student_module: nn.Module,
+    index: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    tau: float = 1.0,
+    distillation_type: str = "soft",
+) -> torch.Tensor:
+    """The m2mKD loss of teaching pair `index`; meta and teacher must be frozen (see `genforge.kd.teachers.freeze`)."""
+    with torch.no_grad():
+        logits_t = hybrid_forward(meta_modules, index, teacher_module, images)
+    logits_s = hybrid_forward(meta_modules, index, student_module, images)
+    return m2mkd_loss(
+        logits_s,
+        logits_t,
+        labels,
+        alpha=alpha,
+        tau=tau,
+        distillation_type=distillation_type,
+    )
+
+
+# ----------------------------------------------------------------------------- recipe checks
 
 
 def _positive_int(value) -> bool:

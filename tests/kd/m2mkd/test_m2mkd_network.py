@@ -1,3 +1,5 @@
+"""m2mKD's pieces (Lo et al., arXiv 2402.16918): splitting, the hybrid forward, stitches, the loss, the MoE student."""
+
 import copy
 
 import pytest

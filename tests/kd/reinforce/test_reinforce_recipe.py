@@ -14,20 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 import genforge.kd.ensemble
-import genforge.kd.reinforce_recipe
+import genforge.kd.reinforce.recipe
 import genforge.kd.teachers
-import genforge.methods.reinforced  # registers the method
 from genforge.cli import main as cli_main
 from genforge.config import ConfigError, recipe_from_dict
 from genforge.data import build_dataset
-from genforge.kd.reinforce import ReinforcedDataset
-from genforge.kd.reinforce_recipe import (
-    load_reinforce_recipe,
-    reinforce_recipe_from_mapping,
-    run_reinforce_recipe,
-)
+from genforge.kd.reinforce import ReinforcedDataset, ReinforcedMethod, load_reinforce_recipe, run_reinforce_recipe
+from genforge.kd.reinforce.recipe import reinforce_recipe_from_mapping
 from genforge.kd.teachers import TeacherError, load_classifier
-from genforge.methods.reinforced import ReinforcedMethod
 from genforge.train import train
 
 TAG = "digits:train:8:pad:1ch"
@@ -177,7 +171,7 @@ def _refuse_teachers(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a directory of another run must be refused before a teacher is loaded")
 
-    monkeypatch.setattr(genforge.kd.reinforce_recipe, "load_classifier", refuse)
+    monkeypatch.setattr(genforge.kd.reinforce.recipe, "load_classifier", refuse)
 
 
 def test_a_rerun_with_other_settings_is_refused_naming_every_differing_key(built, tmp_path, monkeypatch):
@@ -286,7 +280,7 @@ def test_student_trains_from_the_directory_without_any_teacher(built, tmp_path, 
     def refuse(*args, **kwargs):
         raise AssertionError("no teacher may be built or called when training a reinforced student")
 
-    for module in (genforge.kd.teachers, genforge.kd.reinforce_recipe):
+    for module in (genforge.kd.teachers, genforge.kd.reinforce.recipe):
         monkeypatch.setattr(module, "load_classifier", refuse)
     monkeypatch.setattr(genforge.kd.ensemble.TeacherEnsemble, "forward", refuse)
     result = train(_student(tmp_path / "student", built[1]))

@@ -2,7 +2,7 @@
 
 Dataset reinforcement (Faghri et al., ICCV 2023, arXiv 2303.08983, Sec. 3; ``apple/ml-dr``)
 stores, once, NS augmentations of every training image with the teacher ensemble's top-k
-probabilities (``genforge reinforce``, :mod:`genforge.kd.reinforce_recipe`). This method
+probabilities (``genforge reinforce``, :mod:`genforge.kd.reinforce.recipe`). This method
 trains any timm model on that directory: each item is, with probability ``p_replay``, a random
 stored augmentation replayed exactly from its params with the densified teacher target t, and
 otherwise the original image with its one-hot target, through a fresh draw of the stored
@@ -33,8 +33,8 @@ import torch
 
 from genforge.config import ConfigError, check_known_keys
 from genforge.kd.losses import kd_kl_loss
-from genforge.kd.reinforce import MANIFEST, ReinforcedDataset
-from genforge.kd.reinforce_recipe import dataset_tag
+from genforge.kd.reinforce.dataset import ReinforcedDataset
+from genforge.kd.reinforce.shards import MANIFEST, dataset_tag
 from genforge.methods.classification import MODEL_DEFAULTS, ClassifierMethod
 from genforge.train import register_method
 

@@ -2,7 +2,7 @@
 
 Dataset reinforcement (Faghri et al., ICCV 2023, arXiv 2303.08983, Sec. 3; ``apple/ml-dr``
 ``reinforce.py``) runs a frozen teacher ensemble over NS stored augmentations of every
-training image and keeps the top-k of its mean softmax (:mod:`genforge.kd.reinforce`). A
+training image and keeps the top-k of its mean softmax (:mod:`genforge.kd.reinforce.shards`). A
 recipe (``recipes/kd/reinforce_*.yaml``) names:
 
 - ``data``: the dataset (:class:`genforge.config.DataConfig`); its train split is reinforced,
@@ -11,7 +11,7 @@ recipe (``recipes/kd/reinforce_*.yaml``) names:
   (:func:`genforge.kd.teachers.load_classifier`), averaged at ``temperature``;
 - ``num_samples`` (NS), ``top_k`` (k), ``shard_size``, ``seed``, ``device``;
 - ``transforms``: ``[[name, {kwargs}], ...]`` (or ``{name: {kwargs}}``) from the registry of
-  :mod:`genforge.kd.augment`, applied in the registry's fixed order.
+  :mod:`genforge.kd.reinforce.augment`, applied in the registry's fixed order.
 
 Every key, transform and option is checked when the recipe loads; the teachers' class count
 is checked against the dataset before any image is augmented. Every shard and the manifest
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,19 +39,21 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from genforge.config import ConfigError, DataConfig, dataclass_from_mapping, read_yaml
+from genforge.config import (ConfigError, DataConfig, add_override_arguments, dataclass_from_mapping, overrides_from_args,
+                             read_yaml)
+from genforge.core.errors import report_error
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.kd.ensemble import TeacherEnsemble
-from genforge.kd.augment import ORDER, REGISTRY, RandomResizedCrop, ReinforcePipeline
-from genforge.kd.reinforce import (ReinforcedDataset, check_reinforced_dir, finished_shards, reinforce,
-                                   reinforce_manifest)
+from genforge.kd.reinforce.augment import ORDER, REGISTRY, RandomResizedCrop, ReinforcePipeline
+from genforge.kd.reinforce.dataset import ReinforcedDataset
+from genforge.kd.reinforce.shards import (check_reinforced_dir, dataset_tag, finished_shards, reinforce,
+                                          reinforce_manifest)
 from genforge.kd.teachers import TeacherError, load_classifier, teacher_record
 
 __all__ = [
     "ReinforceRecipe",
     "build_split",
-    "dataset_tag",
     "load_reinforce_recipe",
     "main",
     "reinforce_recipe_from_mapping",
@@ -85,15 +86,6 @@ def build_split(data: DataConfig, split: str = "train") -> torch.utils.data.Data
     """The recipe's dataset split, built as every reinforce and student recipe builds it."""
     return build_dataset(data.name, split=split, root=data.root, image_size=data.image_size,
                          resize=data.resize, channels=data.channels)
-
-
-def dataset_tag(data: DataConfig, split: str, dataset) -> str:
-    """The ``dataset_name`` a reinforced directory records, e.g. ``digits:train:16:pad:1ch``.
-
-    It names everything that changes the images the stored params are replayed on (dataset,
-    split, size, resize mode, channels), so that shards of another dataset are refused.
-    """
-    return f"{data.name}:{split}:{dataset.image_size}:{data.resize}:{dataset.channels}ch"
 
 
 def _transform_list(raw, source: str) -> list[list]:
@@ -218,36 +210,23 @@ def run_reinforce_recipe(recipe: ReinforceRecipe, progress: bool = True, max_sha
     return summary
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m genforge.kd.reinforce_recipe") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m genforge.kd.reinforce") -> int:
     """``genforge reinforce RECIPE [--set KEY=VALUE] [--output-dir D] [--max-shards N] [--no-progress]``."""
-    from genforge.train.__main__ import _parse_set
-
     parser = argparse.ArgumentParser(prog=prog, description="Build a reinforced dataset: stored "
                                      "augmentations and the teachers' top-k probabilities, resumable.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", help="YAML reinforce recipe (recipes/kd/reinforce_*.yaml)")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set num_samples=4 (repeatable)")
+    add_override_arguments(parser, "num_samples=4")
     parser.add_argument("--max-shards", type=int, help="stop after N new shards (run again to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    overrides = dict(args.set)
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
     try:
-        recipe = load_reinforce_recipe(args.recipe, overrides)
+        recipe = load_reinforce_recipe(args.recipe, overrides_from_args(args))
         summary = run_reinforce_recipe(recipe, progress=not args.no_progress, max_shards=args.max_shards)
     except (ConfigError, FileNotFoundError, TeacherError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
-        print(f"error: {first}", file=sys.stderr)
-        return 2
+        return report_error(err)
     state = "complete" if summary["complete"] else "incomplete (run again to continue)"
     print(f"{summary['dataset_name']}: {summary['shards_done']}/{summary['shards']} shards {state}, "
           f"{summary['shards_written']} written in {summary['seconds']:.1f} s, "
           f"{summary['bytes'] / 2**20:.1f} MiB in {summary['output_dir']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
