@@ -3,12 +3,13 @@ and rerun end exactly where an uninterrupted run ends (same synthetic set, same 
 
 Each run is the command line's own code, `genforge.cli.main([...])`, in a child process that a
 driver forks after importing genforge once (a fresh interpreter spends seconds on imports, so
-random kills would mostly land there). For each seed the driver starts a run twice and
-kills it after a seeded random delay within an uninterrupted run's duration (during the
-teacher's training, inside a checkpoint or shard write, between them, during the evaluation;
-a resumed run may finish first), then reruns it to the end: `genforge distill --auto-resume`,
-and plain `genforge reinforce`, which resumes. At least one kill of each kind must land
-mid-run, after some progress was saved.
+random kills would mostly land there). For each seed the driver starts a run twice and kills
+it: the first time a seeded random moment after the run has saved some progress (so that the
+rerun must resume, whatever the machine's speed), the second time after a seeded random delay
+within an uninterrupted run's duration (during the teacher's training, inside a checkpoint or
+shard write, between them, during the evaluation; a resumed run may finish first). Then it
+reruns it to the end: `genforge distill --auto-resume`, and plain `genforge reinforce`, which
+resumes. At least one kill of each kind must land mid-run, after some progress was saved.
 """
 
 import json
@@ -48,20 +49,31 @@ def finish(pid):
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 report = {}
-for name, argv, root, seeds in json.loads(sys.argv[1]):
+ended = set()
+
+def running(pid):
+    if pid not in ended and os.waitpid(pid, os.WNOHANG) != (0, 0):
+        ended.add(pid)  # it ended, and is reaped
+    return pid not in ended
+
+for name, argv, root, seeds, marker in json.loads(sys.argv[1]):
     begin = time.monotonic()
     codes = [finish(start(argv + ["--output-dir", f"{root}/straight"]))]
     duration = time.monotonic() - begin
     kills = []  # what each killed run left in its directory
     for seed in seeds:
         rng, again = random.Random(seed), argv + ["--output-dir", f"{root}/killed_{seed}"]
-        for _ in range(2):
-            pid = start(again)
-            time.sleep(rng.uniform(0.05, 0.95) * duration)
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running (else it ended, and is reaped)
+        for attempt in range(2):
+            pid, left = start(again), f"{root}/killed_{seed}"
+            if attempt == 0:  # after some saved progress, then a little more
+                while running(pid) and not os.path.exists(os.path.join(left, marker)):
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.1) * duration)
+            else:
+                time.sleep(rng.uniform(0.05, 0.95) * duration)
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
                 finish(pid)
-                left = f"{root}/killed_{seed}"
                 kills.append(sorted(os.listdir(left)) if os.path.isdir(left) else [])
         codes.append(finish(start(again)))
     report[name] = {"codes": codes, "kills": kills, "seconds": duration}
@@ -93,12 +105,12 @@ def killed_runs(tmp_path_factory):
     jobs = [
         ["dm", ["distill", _write(root / "dm.yaml", {**distill, "method": "dm",
                                                        "distill": {"ipc": 3, "options": MATCHING}}),
-                "--no-progress", "--auto-resume"], str(root / "dm"), SEEDS],
+                "--no-progress", "--auto-resume"], str(root / "dm"), SEEDS, "distill_state.safetensors"],
         ["dwa", ["distill", _write(root / "dwa.yaml", {**distill, "method": "dwa",
                                                          "distill": {"ipc": 3, "options": DWA}}),
-                 "--no-progress", "--auto-resume"], str(root / "dwa"), SEEDS],
+                 "--no-progress", "--auto-resume"], str(root / "dwa"), SEEDS, "dwa_batches"],
         ["reinforce", ["reinforce", _write(root / "reinforce.yaml", reinforce), "--no-progress"],
-         str(root / "reinforce"), SEEDS],
+         str(root / "reinforce"), SEEDS, "index.json"],
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], env=env, capture_output=True,

@@ -1,9 +1,11 @@
 """kill -9 at random moments: a training run resumed after each kill ends exactly where an
 uninterrupted run ends (same weights, bitwise, on CPU).
 
-The kill lands wherever the (seeded) random delay puts it: before the first checkpoint,
-inside a checkpoint write, between checkpoints, while the final weights are written. Each
-time the command is simply run again with --auto-resume until it finishes.
+Each seed kills a run twice: first at a seeded random moment after its first checkpoint (so
+the rerun must resume, whatever the machine's speed), then after a seeded random delay within
+an uninterrupted run's duration (which may land in the imports, inside a checkpoint write,
+between checkpoints, or while the final weights are written; a resumed run may finish first).
+Then the command is simply run again with --auto-resume until it finishes.
 """
 
 import os
@@ -49,18 +51,24 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(tmp_pa
 
     rng = random.Random(seed)
     recipe_file = write(tmp_path, "killed")
+    checkpoints = tmp_path / "killed" / "checkpoints"
     kills = 0
-    for _ in range(2):  # two kills, then a run to the end
+    for attempt in range(2):
         process = subprocess.Popen(command(recipe_file), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        if attempt == 0:  # after the first checkpoint, then a little more
+            while process.poll() is None and not any(checkpoints.glob("step_*")):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.1) * duration)
+        else:
+            time.sleep(rng.uniform(0.3, 1.0) * duration)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait()
     done = subprocess.run(command(recipe_file), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert kills >= 1  # the delays are shorter than a whole run
+    assert kills >= 1
 
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     for part in expected:
