@@ -1,4 +1,4 @@
-"""Datasets for genforge: the bundled digits, image folders and CIFAR-format files.
+"""Datasets for genforge: the bundled digits and MNIST-5k, image folders and CIFAR-format files.
 
 Every dataset yields ``(image, label)`` with ``image`` a float32 ``(C, H, W)`` tensor in
 ``[-1, 1]`` and ``label`` an int, and carries ``.num_classes``, ``.channels`` and
@@ -16,10 +16,11 @@ from torch.utils.data import Dataset
 from genforge.data.cifar import CIFARDataset, RestrictedUnpickler, safe_load_pickle
 from genforge.data.digits import DigitsDataset
 from genforge.data.folder import ImageFolderDataset
+from genforge.data.mnist5k import MNIST5kDataset
 from genforge.data.transforms import check_resize_mode
 
 __all__ = [
-    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "RestrictedUnpickler",
+    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "MNIST5kDataset", "RestrictedUnpickler",
     "build_dataset", "check_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
 ]
 
@@ -44,7 +45,7 @@ def build_dataset(name: str, *, split: str = "train", root: str | None = None,
                   channels: int | None = None) -> Dataset:
     """Build the dataset registered as ``name``.
 
-    ``image_size=None`` keeps the native size (8 for digits, 32 for CIFAR); ``resize``
+    ``image_size=None`` keeps the native size (8 for digits, 28 for mnist5k, 32 for CIFAR); ``resize``
     (``"pad"`` or ``"resize"``) says how datasets with a native size reach ``image_size``.
     Image folders have no native size: they need ``image_size`` and are always resized and
     center-cropped. ``channels=None`` keeps the dataset's own (1 for digits, 3 otherwise).
@@ -81,6 +82,12 @@ def _build_digits(*, split, root, image_size, resize, channels):
                          channels=channels or 1)
 
 
+def _build_mnist5k(*, split, root, image_size, resize, channels):
+    _no_root("mnist5k", root)
+    return MNIST5kDataset(split=split, image_size=image_size or 28, resize=resize,
+                          channels=channels or 1)
+
+
 def _build_image_folder(*, split, root, image_size, resize, channels):
     root = _need_root("image_folder", root)
     if image_size is None:
@@ -100,6 +107,7 @@ def _cifar_builder(num_classes: int) -> DatasetBuilder:
 
 
 register_dataset("digits", _build_digits)
+register_dataset("mnist5k", _build_mnist5k)
 register_dataset("image_folder", _build_image_folder)
 register_dataset("cifar10", _cifar_builder(10))
 register_dataset("cifar100", _cifar_builder(100))
