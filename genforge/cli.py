@@ -60,14 +60,15 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from genforge.metrics import classifier_agreement, compute_fidelity, load_real_and_fake
+    from genforge.metrics import JUDGES, classifier_agreement, compute_fidelity, load_real_and_fake
 
     real, fake, labels = load_real_and_fake(args.real, args.fake)
     results = compute_fidelity(real, fake, feature_extractor=args.extractor, kid=args.kid,
                                inception_weights=args.inception_weights, batch_size=args.batch_size,
                                progress=not args.no_progress)
-    if labels is not None and args.extractor == "digits-cnn":
-        results["classifier_agreement"] = float(classifier_agreement(fake, labels))
+    judge = {extractor: load for extractor, load in JUDGES.values()}.get(args.extractor)
+    if labels is not None and judge is not None:
+        results["classifier_agreement"] = float(classifier_agreement(fake, labels, judge()))
     for key, value in results.items():
         print(f"{key:>22}: {value:.4f}")
     if args.json:
@@ -118,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="FID (torch-fidelity) and classifier agreement of samples.",
                                    formatter_class=defaults)
     evaluate.add_argument("--fake", required=True, help="samples: .npz with images[, labels] or a folder")
-    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE[:pad|resize]], .npz or folder")
-    evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "inception-v3-compat"],
-                          help="feature extractor")
+    evaluate.add_argument("--real", default="digits:train", help="reference: digits:SPLIT[:SIZE[:pad|resize]], mnist5k:SPLIT[:SIZE[:pad|resize]], .npz or folder")
+    evaluate.add_argument("--extractor", default="digits-cnn", choices=["digits-cnn", "mnist-cnn", "inception-v3-compat"],
+                          help="feature extractor (and, for a judge, classifier agreement)")
     evaluate.add_argument("--inception-weights", help="local Inception weights file (no download is done)")
     evaluate.add_argument("--kid", action="store_true", help="also compute KID")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="feature-extraction batch size")

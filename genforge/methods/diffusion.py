@@ -52,8 +52,13 @@ UNET_CONFIGS = {
     "digits": {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [48, 80],
                "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 16, "num_class_embeds": 11},
+    "mnist": {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 56, 80],
+              "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+              "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
+              "num_class_embeds": 11},
 }
-"""Named UNet2DModel configs; ``digits`` (1.20M parameters) matches DiMR's digits config (1.19M).
+"""Named UNet2DModel configs; ``digits`` (1.20M parameters) matches DiMR's digits config (1.19M),
+``mnist`` (1,339,649; 32x32 MNIST-5k) DiMR's ``mnist`` (1,336,451).
 The DiT configs are :data:`genforge.models.dit.DIT_CONFIGS`."""
 
 

@@ -4,9 +4,10 @@ Used at the end of every class-conditional diffusion run and by ``genforge sampl
 the EMA network and a diffusers scheduler form the run's pipeline (a :class:`DiMRPipeline` for
 DiMR, a :class:`ClassConditionalPipeline` for the baselines; saved with ``save_pretrained``), a
 PNG grid with one row per class is written, and a class-balanced set
-of samples is scored with FID through torch-fidelity (on the digits CNN's features for the
-digits set, on Inception features from a local weights file otherwise) and, for digits, with
-classifier agreement: the share of samples the shipped digits CNN assigns to their class.
+of samples is scored with FID through torch-fidelity (on the features of the dataset's judge,
+the digits CNN or the MNIST CNN, for the bundled sets; on Inception features from a local
+weights file otherwise) and, for the bundled sets, with classifier agreement: the share of
+samples the judge assigns to their class.
 
 Samplers (``sample.scheduler`` in a recipe), all diffusers schedulers on the training betas:
 
@@ -42,7 +43,8 @@ from genforge.core.embed import null_class_of
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.data.transforms import signed_to_uint8
-from genforge.metrics import classifier_agreement, compute_fidelity
+from genforge.metrics import classifier_agreement, compute_fidelity, judge_for
+from genforge.metrics.fidelity import JUDGE_FEATURE_DIM
 from genforge.pipelines.class_conditional import ClassConditionalPipeline
 
 SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm++singlestep")
@@ -99,17 +101,28 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
 
 
 def score_samples(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe) -> dict:
-    """FID against the training split, plus classifier agreement on the digits set."""
+    """FID against the training split, plus classifier agreement where the dataset has a judge.
+
+    The bundled datasets have their own judge (``digits`` the digits CNN, ``mnist5k`` the
+    MNIST CNN; :data:`genforge.metrics.JUDGES`): a recipe asking for a judge's features
+    (``eval.feature_extractor: digits-cnn`` or ``mnist-cnn``) gets FID on the judge of its
+    dataset, so ``--set data.name=mnist5k`` on a digits recipe scores with the MNIST judge.
+    Datasets without a judge get no agreement, and no FID unless Inception is asked for.
+    """
     data, evaluation = recipe.data, recipe.eval
     reference = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
                               resize=data.resize, channels=data.channels)
     real = reference.images if hasattr(reference, "images") else torch.stack([x for x, _ in reference])
     metrics = {"num_samples": int(images.shape[0])}
-    if data.name == "digits":
-        metrics["classifier_agreement"] = float(classifier_agreement(images, labels))
-    if evaluation.feature_extractor == "digits-cnn" and data.name != "digits":
-        return metrics
-    fidelity = compute_fidelity(real, images, feature_extractor=evaluation.feature_extractor,
+    judge = judge_for(data.name)
+    if judge is not None:
+        metrics["classifier_agreement"] = float(classifier_agreement(images, labels, judge[1]))
+    extractor = evaluation.feature_extractor
+    if extractor in JUDGE_FEATURE_DIM:  # a judge's features: the judge of this dataset, if any
+        if judge is None:
+            return metrics
+        extractor = judge[0]
+    fidelity = compute_fidelity(real, images, feature_extractor=extractor,
                                 inception_weights=evaluation.inception_weights, batch_size=evaluation.batch_size)
     metrics["fid"] = float(fidelity["fid"])
     return metrics

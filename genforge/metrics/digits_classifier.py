@@ -108,28 +108,20 @@ def digits_test_accuracy(classifier: nn.Module | None = None, resize: str = "pad
     return (predict(classifier, test.images) == test.labels).float().mean().item()
 
 
-def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
-                            layouts: tuple[str, ...] = LAYOUTS, max_shift: int = 1,
-                            num_threads: int = 1) -> DigitsCNN:
-    """Train DigitsCNN on the digits train split; deterministic for a given ``seed``.
+def fit_classifier(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, *, seed: int,
+                   epochs: int, batch_size: int, lr: float, max_shift: int,
+                   num_threads: int = 1) -> nn.Module:
+    """Train a judge on ``views`` ``(L, N, 1, S, S)`` (one image per layout per sample).
 
-    Each sample is drawn in one of ``layouts`` (uniformly) and shifted by up to
-    ``max_shift`` px. AdamW with a cosine learning-rate decay. Runs on CPU with
-    ``num_threads`` threads (restored afterwards) so results do not depend on core count.
+    Each step draws every sample in one of the ``L`` layouts (uniformly) and shifts it by up
+    to ``max_shift`` px; AdamW with a cosine learning-rate decay. Runs on CPU with
+    ``num_threads`` threads (restored afterwards) so results do not depend on core count;
+    deterministic for a given ``seed`` (``model`` must be built after ``torch.manual_seed``).
     """
-    unknown = set(layouts) - set(LAYOUTS)
-    if not layouts or unknown:
-        raise ValueError(f"layouts={layouts!r} must be a non-empty subset of {LAYOUTS}")
-    train = [DigitsDataset("train", image_size=INPUT_SIZE, resize=mode) for mode in layouts]
-    views = torch.stack([d.images for d in train])  # (L, N, 1, 16, 16)
-    labels = train[0].labels
     n = len(labels)
-
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        torch.manual_seed(seed)
-        model = DigitsCNN()
         generator = torch.Generator().manual_seed(seed)
         steps = epochs * ((n + batch_size - 1) // batch_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -137,7 +129,7 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 6
         model.train()
         for _ in range(epochs):
             for idx in torch.randperm(n, generator=generator).split(batch_size):
-                layout = torch.randint(0, len(layouts), (len(idx),), generator=generator)
+                layout = torch.randint(0, len(views), (len(idx),), generator=generator)
                 x = random_shift(views[layout, idx], generator, max_shift)
                 loss = F.cross_entropy(model(x), labels[idx])
                 optimizer.zero_grad(set_to_none=True)
@@ -147,6 +139,26 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 6
     finally:
         torch.set_num_threads(previous_threads)
     return model.eval().requires_grad_(False)
+
+
+def check_layouts(layouts: tuple[str, ...]) -> None:
+    """ValueError unless ``layouts`` is a non-empty subset of ``("pad", "resize")``."""
+    unknown = set(layouts) - set(LAYOUTS)
+    if not layouts or unknown:
+        raise ValueError(f"layouts={layouts!r} must be a non-empty subset of {LAYOUTS}")
+
+
+def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
+                            layouts: tuple[str, ...] = LAYOUTS, max_shift: int = 1,
+                            num_threads: int = 1) -> DigitsCNN:
+    """Train DigitsCNN on the digits train split with :func:`fit_classifier`; deterministic
+    for a given ``seed``."""
+    check_layouts(layouts)
+    train = [DigitsDataset("train", image_size=INPUT_SIZE, resize=mode) for mode in layouts]
+    views = torch.stack([d.images for d in train])  # (L, N, 1, 16, 16)
+    torch.manual_seed(seed)
+    return fit_classifier(DigitsCNN(), views, train[0].labels, seed=seed, epochs=epochs,
+                          batch_size=batch_size, lr=lr, max_shift=max_shift, num_threads=num_threads)
 
 
 def main(argv: list[str] | None = None) -> None:

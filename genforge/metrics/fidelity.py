@@ -8,6 +8,9 @@ IS (Salimans et al. 2016, arXiv:1606.03498); genforge computes no distance itsel
   ``torch_fidelity.register_feature_extractor``) built on the shipped
   :class:`~genforge.metrics.digits_classifier.DigitsCNN`; FID/KID use its 64-d penultimate
   ``"features"``, IS its ``"logits"``. Inception features mean little on 8x8 digits.
+  ``"mnist-cnn"`` does the same with :class:`~genforge.metrics.mnist_classifier.MNISTCNN` for
+  MNIST-5k at 32x32. :data:`JUDGES` names each bundled dataset's judge; :func:`judge_for`
+  gives it (the extractor name and the classifier) for a dataset name.
 * :func:`compute_fidelity`: float ``[-1, 1]`` tensors in, a dict of floats out, never a
   download. ``"inception-v3-compat"`` needs a local weights file. torch-fidelity's own
   extractor opens such a file with ``torch.load(weights_only=False)``; genforge reads it once,
@@ -16,7 +19,7 @@ IS (Salimans et al. 2016, arXiv:1606.03498); genforge computes no distance itsel
   ``"genforge-inception-v3"``, which never opens the file. FID from fewer images than the
   features have dimensions (a singular covariance: 65 for the digits CNN, 2,049 for Inception's
   pool features) is computed with a warning saying so.
-* :func:`load_real_and_fake`: the two image sets of an evaluation, the bundled digits reference
+* :func:`load_real_and_fake`: the two image sets of an evaluation, a bundled dataset's reference
   prepared the way the samples' training images were (a genforge ``samples.npz`` records it).
 """
 
@@ -36,11 +39,16 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genforge.core.errors import one_line
-from genforge.data.digits import DigitsDataset
+from genforge.data import build_dataset
 from genforge.data.transforms import match_channels, signed_to_uint8, uint8_to_signed
 from genforge.metrics.digits_classifier import DigitsCNN, load_digits_classifier
+from genforge.metrics.mnist_classifier import MNISTCNN, load_mnist_classifier
 
 DIGITS_EXTRACTOR = "digits-cnn"
+MNIST_EXTRACTOR = "mnist-cnn"
+JUDGES = {"digits": (DIGITS_EXTRACTOR, load_digits_classifier),
+          "mnist5k": (MNIST_EXTRACTOR, load_mnist_classifier)}
+JUDGE_FEATURE_DIM = {DIGITS_EXTRACTOR: DigitsCNN.feature_dim, MNIST_EXTRACTOR: MNISTCNN.feature_dim}
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 _LOCAL_INCEPTION = "genforge-inception-v3"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -58,10 +66,13 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
     safetensors file; by default the shipped weights are used.
     """
 
+    load_judge = staticmethod(load_digits_classifier)
+    input_size = 16
+
     def __init__(self, name: str, features_list: list[str],
                  feature_extractor_weights_path: str | None = None, **kwargs) -> None:
         super().__init__(name, features_list)
-        self.cnn = load_digits_classifier(feature_extractor_weights_path)
+        self.cnn = self.load_judge(feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -75,9 +86,9 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
     def can_be_compiled() -> bool:
         return False
 
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    @classmethod
+    def get_dummy_input_for_compile(cls) -> torch.Tensor:
+        return torch.zeros(1, 3, cls.input_size, cls.input_size, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.uint8 or x.dim() != 4:
@@ -85,6 +96,21 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
         features = self.cnn.features(uint8_to_signed(x))  # (B, 64)
         out = {"features": features, "logits": self.cnn.head(features)}
         return tuple(out[name] for name in self.features_list)
+
+
+class FeatureExtractorMNISTCNN(FeatureExtractorDigitsCNN):
+    """torch-fidelity extractor: uint8 ``(B, 3, H, W)`` -> MNISTCNN ``features`` / ``logits``."""
+
+    load_judge = staticmethod(load_mnist_classifier)
+    input_size = 32
+
+
+def judge_for(dataset: str) -> tuple[str, torch.nn.Module] | None:
+    """``(extractor name, loaded classifier)`` judging samples of ``dataset``, or None."""
+    if dataset not in JUDGES:
+        return None
+    extractor, load = JUDGES[dataset]
+    return extractor, load()
 
 
 class FeatureExtractorInceptionLocal(FeatureExtractorInceptionV3):
@@ -116,8 +142,9 @@ def _register(name: str, cls) -> None:
 
 
 def register_digits_feature_extractor() -> None:
-    """Register ``"digits-cnn"`` (and the safe local Inception) with torch-fidelity."""
+    """Register ``"digits-cnn"``, ``"mnist-cnn"`` and the safe local Inception with torch-fidelity."""
     _register(DIGITS_EXTRACTOR, FeatureExtractorDigitsCNN)
+    _register(MNIST_EXTRACTOR, FeatureExtractorMNISTCNN)
     _register(_LOCAL_INCEPTION, FeatureExtractorInceptionLocal)
 
 
@@ -167,8 +194,8 @@ def load_inception_weights(path: str | None) -> dict:
 
 def _feature_dim(feature_extractor: str, feature_layer: str | None) -> int | None:
     """Dimension of the FID features, where known."""
-    if feature_extractor == DIGITS_EXTRACTOR:
-        return DigitsCNN.num_classes if feature_layer == "logits" else DigitsCNN.feature_dim
+    if feature_extractor in JUDGE_FEATURE_DIM:
+        return DigitsCNN.num_classes if feature_layer == "logits" else JUDGE_FEATURE_DIM[feature_extractor]
     if feature_extractor == INCEPTION_EXTRACTOR and (feature_layer or "2048").isdigit():
         return int(feature_layer or "2048")
     return None
@@ -200,7 +227,7 @@ def compute_fidelity(real: torch.Tensor | Dataset | None, fake: torch.Tensor | D
         extractor_kwargs = {"inception_state": load_inception_weights(inception_weights)}
     elif FEATURE_EXTRACTORS_REGISTRY[feature_extractor].__module__.startswith("torch_fidelity."):
         raise ValueError(f"feature extractor {feature_extractor!r} would download its weights; "
-                         f"genforge supports {DIGITS_EXTRACTOR!r} and {INCEPTION_EXTRACTOR!r} "
+                         f"genforge supports {DIGITS_EXTRACTOR!r}, {MNIST_EXTRACTOR!r} and {INCEPTION_EXTRACTOR!r} "
                          "(with a local inception_weights file)")
     elif inception_weights is not None:
         raise ValueError(f"inception_weights is only used with {INCEPTION_EXTRACTOR!r}, "
@@ -252,6 +279,9 @@ def images_from_array(array: np.ndarray) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
+_BUNDLED_SIZES = {"digits": (8, 16), "mnist5k": (28, 32)}  # name: (native size, default size)
+
+
 def load_image_source(spec: str, like: torch.Tensor | None = None,
                       resize: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (float [-1, 1], (N, C, H, W)) and labels (or None) named by a CLI ``spec``.
@@ -259,22 +289,25 @@ def load_image_source(spec: str, like: torch.Tensor | None = None,
     * ``digits:SPLIT[:SIZE[:MODE]]`` - the bundled digits; SIZE defaults to the size of
       ``like`` (else 16), MODE (``pad`` or ``resize``) to ``resize``, else to ``pad`` at the
       native 8x8; at another size without a MODE the reference is ambiguous: an error;
+      ``mnist5k:SPLIT[:SIZE[:MODE]]`` likewise (native 28x28, SIZE defaults to 32);
     * ``FILE.npz`` - array ``images`` (see :func:`images_from_array`) and optional ``labels``
       (and ``resize``, read by :func:`load_real_and_fake`);
     * a folder - every image file in it (recursively), all of one size; no labels.
     """
-    if spec.startswith("digits:"):
+    name = spec.split(":")[0]
+    if name in _BUNDLED_SIZES and ":" in spec:
+        native, default = _BUNDLED_SIZES[name]
         parts = spec.split(":")
         if len(parts) > 4:
-            raise ValueError(f"bad digits spec {spec!r}; expected digits:SPLIT[:SIZE[:MODE]]")
-        size = int(parts[2]) if len(parts) > 2 else (like.shape[-1] if like is not None else 16)
-        mode = parts[3] if len(parts) > 3 else (resize or ("pad" if size == 8 else None))
-        if mode is None:  # the 8x8 digits grow to SIZE by padding or by resizing: two references
+            raise ValueError(f"bad {name} spec {spec!r}; expected {name}:SPLIT[:SIZE[:MODE]]")
+        size = int(parts[2]) if len(parts) > 2 else (like.shape[-1] if like is not None else default)
+        mode = parts[3] if len(parts) > 3 else (resize or ("pad" if size == native else None))
+        if mode is None:  # the native images grow to SIZE by padding or by resizing: two references
             raise ValueError(
-                f"reference {spec!r} at {size}x{size}: the digits are 8x8, so say how the samples' "
-                f"training images were made, digits:{parts[1]}:{size}:pad or "
-                f"digits:{parts[1]}:{size}:resize (a genforge samples.npz records it)")
-        data = DigitsDataset(parts[1], image_size=size, resize=mode)
+                f"reference {spec!r} at {size}x{size}: the {name} images are {native}x{native}, so say "
+                f"how the samples' training images were made, {name}:{parts[1]}:{size}:pad or "
+                f"{name}:{parts[1]}:{size}:resize (a genforge samples.npz records it)")
+        data = build_dataset(name, split=parts[1], image_size=size, resize=mode)
         return data.images, data.labels
     path = Path(spec)
     if path.suffix == ".npz":

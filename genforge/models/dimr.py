@@ -313,6 +313,10 @@ DIMR_CONFIGS: dict[str, dict] = {
                     "stage_configs": [_transformer(32, 64, 4, 1, 4), _convnext(16, 32, 3, 1, 8)]},
     "digits16": {"in_channels": 1, "sample_size": 16, "num_classes": 10,
                  "stage_configs": [_transformer(128, 256, 4, 5, 8), _convnext(64, 128, 3, 2, 16)]},
+    "mnist": {"in_channels": 1, "sample_size": 32, "num_classes": 10,
+              "stage_configs": [_transformer(128, 272, 4, 5, 8, patch=4),
+                                {**_convnext(64, 128, 3, 2, 16), "input_ratio": 2},
+                                _convnext(32, 64, 3, 2, 32)]},
     "XL/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
               "stage_configs": [_transformer(960, 1920, 16, 39, 16), _convnext(480, 960, 7, 20, 32)]},
     "G/2R": {"in_channels": 4, "sample_size": 32, "num_classes": 1000,
@@ -320,7 +324,9 @@ DIMR_CONFIGS: dict[str, dict] = {
 }
 """Named configs. ``digits`` works on the native 8x8 digits (4x4 tokens, then 8x8), ``digits_tiny``
 is a 20k-parameter, one-block-per-stage version for quick runs (the end-to-end test), ``digits16``
-works on digits padded to 16x16. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
+works on digits padded to 16x16. ``mnist`` (1,336,451 parameters) is the three-resolution
+cascade for MNIST-5k padded to 32x32: a Transformer on 8x8 tokens (4x4 patches), a ConvNeXt
+branch at 16x16 (the image area-downsampled 2x) and one at 32x32. XL/2R and G/2R are the paper's ImageNet-256 latent models (505M / 1.06B
 parameters), with the official configs' values (configs/DiMR-{XL,G}-2R_imagenet256.py: both have
 16 heads in stage 0 and a 7x7 kernel in stage 1)."""
 

@@ -44,11 +44,14 @@ DIT_CONFIGS: dict[str, dict] = {
              "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2},
     "digits": {"in_channels": 1, "sample_size": 8, "num_embeds_ada_norm": 10, "patch_size": 1,
                "num_attention_heads": 4, "attention_head_dim": 29, "num_layers": 4},
+    "mnist": {"in_channels": 1, "sample_size": 32, "num_embeds_ada_norm": 10, "patch_size": 2,
+              "num_attention_heads": 4, "attention_head_dim": 31, "num_layers": 4},
     "XL/2": {"in_channels": 4, "sample_size": 32, "num_embeds_ada_norm": 1000, "patch_size": 2,
              "num_attention_heads": 16, "attention_head_dim": 72, "num_layers": 28},
 }
 """Named configs: ``tiny`` (tests; diffusers' own test size), ``digits`` (8x8 digits, patch 1,
-parameters matched to DiMR's ``digits``) and ``XL/2`` (DiT-XL/2, epsilon only)."""
+parameters matched to DiMR's ``digits``), ``mnist`` (32x32 MNIST-5k, patch 2, 1,341,560
+parameters against DiMR's ``mnist`` 1,336,451) and ``XL/2`` (DiT-XL/2, epsilon only)."""
 
 
 def dit_baseline(**config) -> DiTTransformer2DModel:
