@@ -99,3 +99,17 @@ def test_kd_recipe_trains_on_mnist_from_the_mnist_teachers(tmp_path, teacher_run
     train(recipe)
     metrics = json.loads((tmp_path / name / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_a_digits_judge_setting_on_mnist5k_scores_with_the_mnist_judge():
+    from genforge.data import MNIST5kDataset
+    from genforge.methods.sampling import score_samples
+    from genforge.metrics import compute_fidelity
+
+    recipe = load_recipe(RECIPES / "dimr" / "mnist.yaml", overrides={"eval.feature_extractor": "digits-cnn"})
+    test = MNIST5kDataset("test", image_size=32)
+    metrics = score_samples(test.images, test.labels, recipe)
+    train_set = MNIST5kDataset("train", image_size=32)
+    expected = compute_fidelity(train_set.images, test.images, feature_extractor="mnist-cnn")["fid"]
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["classifier_agreement"] >= 0.97  # the digits CNN scores them 72.5%

@@ -61,3 +61,17 @@ def test_fid_on_mnist_cnn_features_is_small_for_real_and_large_for_noise(test_se
     noise = torch.rand(1000, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     far = compute_fidelity(train.images[::4], noise, feature_extractor=MNIST_EXTRACTOR)["fid"]
     assert near < 0.05 * far
+
+
+def test_cli_eval_scores_mnist_samples_against_the_mnist5k_reference(tmp_path, test_set):
+    import numpy as np
+
+    from genforge.cli import main
+    from genforge.data.transforms import signed_to_uint8
+
+    npz, out = tmp_path / "s.npz", tmp_path / "m.json"
+    np.savez(npz, images=signed_to_uint8(test_set.images).numpy(), labels=test_set.labels.numpy())
+    assert main(["eval", "--fake", str(npz), "--real", "mnist5k:train:32:pad", "--extractor", "mnist-cnn",
+                 "--no-progress", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["classifier_agreement"] >= STATED_ACCURACY and results["fid"] < 20
