@@ -40,11 +40,43 @@ WEIGHTS_PATH = Path(__file__).parent / "weights" / "digits_cnn.safetensors"
 LAYOUTS = ("pad", "resize")
 
 
-class DigitsCNN(nn.Module):
-    """Three 3x3 conv stages and two linear layers; ``features`` is the 64-d penultimate layer."""
+class JudgeCNN(nn.Module):
+    """What genforge's judges share: grey ``input_size`` inputs, a 64-d ``features`` layer
+    (subclasses define it) and a linear ``head`` to 10 class logits."""
 
     num_classes = 10
     feature_dim = 64
+    input_size: int
+
+    @classmethod
+    def prepare(cls, x: torch.Tensor) -> torch.Tensor:
+        """Any ``(B, 1|3, H, W)`` image in [-1, 1] -> ``(B, 1, S, S)`` grey at the judge's size."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point():
+            raise ValueError(f"{cls.__name__} expects float images (B, 1 or 3, H, W) in [-1, 1], "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        return resize_bilinear(match_channels(x.float(), 1), cls.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, 10)``."""
+        return self.head(self.features(x))
+
+
+def load_judge(cls: type[JudgeCNN], path: str | Path, module: str) -> JudgeCNN:
+    """A ``cls`` judge with the weights of the safetensors file ``path``, frozen in eval mode;
+    a missing file names the command (``python -m MODULE``) that trains it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{cls.__name__} weights {str(path)!r} not found; train them with "
+                                f"`python -m {module} --out PATH`")
+    model = cls()
+    load_state_dict_strict(model, read_state_dict(path, strip_prefixes=()), what=f"weights file {path}")
+    return model.eval().requires_grad_(False)
+
+
+class DigitsCNN(JudgeCNN):
+    """Three 3x3 conv stages and two linear layers; ``features`` is the 64-d penultimate layer."""
+
+    input_size = INPUT_SIZE
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,14 +86,6 @@ class DigitsCNN(nn.Module):
         self.fc1 = nn.Linear(48 * 2 * 2, self.feature_dim)
         self.head = nn.Linear(self.feature_dim, self.num_classes)
 
-    @staticmethod
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        """Any ``(B, 1|3, H, W)`` image in [-1, 1] -> ``(B, 1, 16, 16)`` grey."""
-        if x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point():
-            raise ValueError("DigitsCNN expects float images (B, 1 or 3, H, W) in [-1, 1], "
-                             f"got {x.dtype} {tuple(x.shape)}")
-        return resize_bilinear(match_channels(x.float(), 1), INPUT_SIZE)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` (after ReLU), used for FID/KID."""
         x = F.relu(self.conv1(self.prepare(x)))  # (B, 16, 16, 16)
@@ -69,20 +93,10 @@ class DigitsCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv3(x)), 4)  # (B, 48, 2, 2)
         return F.relu(self.fc1(x.flatten(1)))  # (B, 64)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, 10)``."""
-        return self.head(self.features(x))
-
 
 def load_digits_classifier(path: str | Path | None = None) -> DigitsCNN:
     """Load DigitsCNN weights from a safetensors file (default: the shipped ones), in eval mode."""
-    path = Path(path) if path is not None else WEIGHTS_PATH
-    if not path.is_file():
-        raise FileNotFoundError(f"digits classifier weights {str(path)!r} not found; train them with "
-                                "`python -m genforge.metrics.digits_classifier --out PATH`")
-    model = DigitsCNN()
-    load_state_dict_strict(model, read_state_dict(path, strip_prefixes=()), what=f"weights file {path}")
-    return model.eval().requires_grad_(False)
+    return load_judge(DigitsCNN, path if path is not None else WEIGHTS_PATH, "genforge.metrics.digits_classifier")
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -161,32 +175,44 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 6
                           batch_size=batch_size, lr=lr, max_shift=max_shift, num_threads=num_threads)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the digits CNN used by genforge's metrics.")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="safetensors file to write")
+def judge_main(argv: list[str] | None, *, module: str, what: str, default_out: Path,
+               default_epochs: int, train, accuracy, train_split: str, input_layout: str) -> None:
+    """The command that trains a judge: ``python -m MODULE [--out FILE] [--seed] [--epochs]``.
+
+    ``train(seed=, epochs=)`` returns the model, ``accuracy(model, layout)`` its test accuracy;
+    the weights go to ``--out`` (safetensors) and the facts of the run beside them (``.json``).
+    """
+    parser = argparse.ArgumentParser(description=f"Train the {what} used by genforge's metrics.")
+    parser.add_argument("--out", type=Path, default=default_out, help="safetensors file to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=default_epochs)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    model = train_digits_classifier(seed=args.seed, epochs=args.epochs)
+    model = train(seed=args.seed, epochs=args.epochs)
     seconds = time.perf_counter() - start
-    accuracy = {mode: round(digits_test_accuracy(model, mode), 4) for mode in LAYOUTS}
+    test_accuracy = {mode: round(accuracy(model, mode), 4) for mode in LAYOUTS}
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     facts = {
         "weights": args.out.name, "seed": args.seed, "epochs": args.epochs,
-        "train_split": "digits train (1437 images, genforge/data/digits_split.json)",
-        "input": "1x16x16 in [-1, 1]; layouts pad+resize, random shifts <= 1 px",
+        "train_split": train_split, "input": input_layout,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "test_accuracy": accuracy, "train_seconds": round(seconds, 1),
+        "test_accuracy": test_accuracy, "train_seconds": round(seconds, 1),
         "torch_version": torch.__version__,
-        "command": f"python -m genforge.metrics.digits_classifier --seed {args.seed} --epochs {args.epochs}",
+        "command": f"python -m {module} --seed {args.seed} --epochs {args.epochs}",
     }
     args.out.with_suffix(".json").write_text(json.dumps(facts, indent=2) + "\n")
     print(json.dumps(facts, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    judge_main(argv, module="genforge.metrics.digits_classifier", what="digits CNN", default_out=WEIGHTS_PATH,
+               default_epochs=40, train=train_digits_classifier, accuracy=digits_test_accuracy,
+               train_split="digits train (1437 images, genforge/data/digits_split.json)",
+               input_layout="1x16x16 in [-1, 1]; layouts pad+resize, random shifts <= 1 px")
 
 
 if __name__ == "__main__":
