@@ -113,3 +113,32 @@ def test_a_digits_judge_setting_on_mnist5k_scores_with_the_mnist_judge():
     expected = compute_fidelity(train_set.images, test.images, feature_extractor="mnist-cnn")["fid"]
     assert metrics["fid"] == pytest.approx(expected, rel=1e-6)
     assert metrics["classifier_agreement"] >= 0.97  # the digits CNN scores them 72.5%
+
+
+def test_concentration_recipes_train_specialists_then_the_student_on_mnist(tmp_path):
+    specialists = load_recipe(RECIPES / "kd" / "specialists_mnist.yaml", overrides=_short(tmp_path / "spec"))
+    assert (specialists.data.name, specialists.data.image_size) == ("mnist5k", 32)
+    train(specialists)
+    raw = read_yaml(RECIPES / "kd" / "concentration_mnist.yaml")
+    assert raw["model"]["specialists"] == "runs/kd_specialists_mnist"
+    student = load_recipe(RECIPES / "kd" / "concentration_mnist.yaml",
+                          overrides={**_short(tmp_path / "student"), "model.specialists": str(tmp_path / "spec")})
+    train(student)
+    assert 0.0 <= json.loads((tmp_path / "student" / "metrics.json").read_text())["test_accuracy"] <= 1.0
+
+
+def test_reinforce_recipe_reinforces_a_shard_of_mnist_from_the_mnist_teachers(tmp_path, teacher_runs):
+    from genforge.kd.reinforce import load_reinforce_recipe, run_reinforce_recipe
+
+    path = RECIPES / "kd" / "reinforce_mnist.yaml"
+    assert read_yaml(path)["teachers"] == [f"runs/kd_{t}_mnist" for t in TEACHERS]
+    recipe = load_reinforce_recipe(path, overrides={
+        "output_dir": str(tmp_path / "reinforced"), "teachers": teacher_runs, "num_samples": 1,
+        "shard_size": 16, "data.batch_size": 16})
+    assert (recipe.data.name, recipe.data.image_size) == ("mnist5k", 32)
+    summary = run_reinforce_recipe(recipe, progress=False, max_shards=1)
+    assert summary["dataset_name"] == "mnist5k:train:32:pad:1ch"
+    assert (summary["shards"], summary["shards_done"]) == (250, 1)  # 4,000 digits in shards of 16
+    assert (tmp_path / "reinforced" / "shard_00000.safetensors").is_file()
+    student = read_yaml(RECIPES / "kd" / "reinforced_student_mnist.yaml")
+    assert student["model"]["reinforced_dir"] == "runs/kd_reinforce_mnist" and student["data"] == read_yaml(path)["data"] | {"batch_size": 64}
