@@ -11,12 +11,13 @@ never share one) can remain after a kill. Whole folders are made atomic the same
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_json"]
 
 
 @contextmanager
@@ -43,3 +44,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> None:
+    """``json.dumps(obj, **dumps_kwargs)`` written to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, **dumps_kwargs))

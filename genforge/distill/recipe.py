@@ -18,7 +18,6 @@ earlier run's state is refused before any work, unless ``--overwrite`` says to s
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from genforge.config import ConfigError, dataclass_from_mapping, read_yaml
+from genforge.core.io import write_json
 from genforge.data import check_dataset, dataset_names
 from genforge.distill.api import ENGINE_OPTIONS, check_run, distill_dataset, resolve_teacher
 from genforge.distill.data import load_real
@@ -155,5 +155,5 @@ def run_distill_recipe(recipe: DistillRecipe, *, resume: bool | str = False, ove
     metrics = {"method": recipe.method, "flip": recipe.distill.flip, "ipc": recipe.distill.ipc, "seed": recipe.seed,
                "accuracy_mean": result.mean, "accuracy_std": result.std, "accuracies": result.accuracies,
                "distill_seconds": distill_seconds, "eval_seconds": time.perf_counter() - start}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics, indent=2)
     return metrics

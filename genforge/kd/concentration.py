@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genforge.config import ConfigError, check_known_keys
+from genforge.core.io import write_json
 from genforge.core.state_dict import load_state_dict_strict, read_state_dict
 from genforge.kd.teachers import RUN_CONFIG, RUN_WEIGHTS, TeacherError, load_classifier, teacher_device
 from genforge.methods.classification import (ClassificationMethod, check_timm_model, finish_classifier,
@@ -350,7 +351,7 @@ def save_specialist(model: nn.Module, directory: Path, config: dict) -> None:
     ``model_name`` and the ``timm.create_model`` arguments)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_weights_atomic(model, directory / RUN_WEIGHTS)
-    (directory / RUN_CONFIG).write_text(json.dumps(config, indent=2))
+    write_json(directory / RUN_CONFIG, config, indent=2)
 
 
 @register_method("specialists")
@@ -400,7 +401,7 @@ class SpecialistsMethod(ClassificationMethod):
             return {}
         out, verticals = Path(output_dir), ema_model.verticals
         out.mkdir(parents=True, exist_ok=True)
-        (out / VERTICALS_FILE).write_text(json.dumps(verticals.groups))
+        write_json(out / VERTICALS_FILE, verticals.groups)
         within = index_within_vertical(verticals)
         test_vertical = verticals.vertical_of[torch.tensor([int(y) for _, y in self.test_set])]
         metrics = {}
@@ -580,5 +581,5 @@ class ConcentrationMethod(ClassificationMethod):
         if not accelerator.is_main_process:
             return {}
         metrics = finish_classifier(ema_model, self.test_set, self.recipe, Path(output_dir))
-        (Path(output_dir) / STUDENT_CONFIG).write_text(json.dumps(self.student_config(), indent=2))
+        write_json(Path(output_dir) / STUDENT_CONFIG, self.student_config(), indent=2)
         return metrics

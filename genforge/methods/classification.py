@@ -22,7 +22,6 @@ differs from the dataset's and adapts the stem to the input channels) and ``labe
 from __future__ import annotations
 
 import difflib
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from timm.optim import param_groups_weight_decay
 
 from genforge.config import ConfigError, Recipe, check_known_keys
 from genforge.core.errors import one_line
-from genforge.core.io import atomic_write
+from genforge.core.io import atomic_write, write_json
 from genforge.data import build_dataset
 from genforge.metrics.calibration import expected_calibration_error
 from genforge.train import Method, register_method
@@ -227,5 +226,5 @@ class ClassifierMethod(ClassificationMethod):
         metrics = super().on_train_end(ema_model, accelerator, output_dir)
         if accelerator.is_main_process:
             config = {"model_name": self.options["name"], **self.create_kwargs()}
-            (Path(output_dir) / "model_config.json").write_text(json.dumps(config, indent=2))
+            write_json(Path(output_dir) / "model_config.json", config, indent=2)
         return metrics

@@ -30,7 +30,6 @@ Samplers (``sample.scheduler`` in a recipe), all diffusers schedulers on the tra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from genforge.config import Recipe
 from genforge.core.embed import null_class_of
+from genforge.core.io import write_json
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
 from genforge.data.transforms import signed_to_uint8
@@ -96,7 +96,7 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
     np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy(),
                         resize=np.array(recipe.data.resize))  # how the reference is to be sized
     metrics = score_samples(images, labels, recipe)
-    (output_dir / "sample_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(output_dir / "sample_metrics.json", metrics, indent=2)
     return metrics
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
 from genforge.config import ConfigError, Recipe, save_recipe
+from genforge.core.io import write_json
 from genforge.data import check_dataset
 from genforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                        resume_latest, save_checkpoint)
@@ -326,7 +327,7 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
         metrics = {**metrics, "stopped_by_time": {"step": step, "max_steps": tc.max_steps,
                                                   "max_minutes": tc.max_minutes}}
     if accelerator.is_main_process:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        write_json(out / "metrics.json", metrics, indent=2, default=float)
         if metrics:
             accelerator.print("metrics: " + json.dumps(metrics, default=float))
     return TrainResult(steps=step, final_loss=final_loss, output_dir=out, metrics=metrics,

@@ -1,5 +1,6 @@
 """Atomic writes: the target holds the old file or the whole new one, and no temporary file stays."""
 
+import json
 import os
 
 import pytest
@@ -41,3 +42,16 @@ def test_a_writer_that_writes_nothing_is_an_error_and_the_target_stays(tmp_path)
         with atomic_write(target):
             pass
     assert target.read_text() == "kept" and sorted(os.listdir(tmp_path)) == ["index.json"]
+
+
+def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    from genforge.core.io import write_json
+
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": true}')
+    write_json(target, {"accuracy": 0.5}, indent=2)
+    assert json.loads(target.read_text()) == {"accuracy": 0.5}
+    with pytest.raises(TypeError):
+        write_json(target, {"not json": object()})
+    assert json.loads(target.read_text()) == {"accuracy": 0.5}  # the failed write left the file
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -42,6 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from genforge.config import ConfigError, check_known_keys
+from genforge.core.io import write_json
 from genforge.core.state_dict import StateDictError, read_state_dict
 from genforge.kd.m2mkd.network import ModularStudent, hybrid_forward, no_weight_decay_names, split_vit, student_module
 from genforge.kd.teachers import TeacherError, load_classifier, teacher_device
@@ -375,7 +376,7 @@ class M2MKDMethod(ClassificationMethod):
         for i, module in zip(self.indices, ema_model):
             save_weights_atomic(module, module_path(out, i))
         kwargs = self.student_kwargs()
-        (out / STUDENT_CONFIG).write_text(json.dumps(kwargs, indent=2))
+        write_json(out / STUDENT_CONFIG, kwargs, indent=2)
 
         device = next(ema_model.parameters()).device
         frozen, batch = self.frozen.to(torch.empty(0, device=device)), self.recipe.eval.batch_size
@@ -451,5 +452,5 @@ class ModularStudentMethod(ClassificationMethod):
             return {}
         metrics = finish_classifier(ema_model, self.test_set, self.recipe, Path(output_dir))
         config = {**self.student_kwargs(), "keep_stitches": self.options["keep_stitches"]}
-        (Path(output_dir) / STUDENT_CONFIG).write_text(json.dumps(config, indent=2))
+        write_json(Path(output_dir) / STUDENT_CONFIG, config, indent=2)
         return metrics

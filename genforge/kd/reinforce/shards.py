@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from genforge.config import DataConfig, setting_differences
-from genforge.core.io import atomic_write
+from genforge.core.io import atomic_write, write_json
 from genforge.kd.reinforce.augment import ReinforcePipeline
 
 __all__ = ["FORMAT_VERSION", "INDEX", "MANIFEST", "SHARD_META", "check_manifest", "check_reinforced_dir",
@@ -52,8 +52,7 @@ SHARD_META = "genforge_reinforce"
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    write_json(path, obj, indent=1, sort_keys=True)
 
 
 def shard_name(shard: int) -> str:
