@@ -1,0 +1,183 @@
+"""ReNO (arXiv 2406.04312): the properties of its noise-optimisation loop, on a tiny stock
+diffusers StableDiffusionPipeline and on genforge's class-conditional digits pipelines."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_clip_model
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel, UNet2DModel)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from genforge.models.dimr import DiMRModel, dimr_config
+from genforge.pipelines import ClassConditionalPipeline, DiMRPipeline
+from genforge.pipelines.reno import (best_of_n, clip_grad_norm_per_sample_, norm_prior, optimize, render)
+from genforge.rewards import CLIPReward, Reward, load
+
+
+class Brightness(Reward):
+    """A toy differentiable reward: mean pixel value (offset 1)."""
+
+    offset = 1.0
+
+    def __init__(self):
+        super().__init__(image_size=None, mean=None)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.freeze()
+
+    def score_inputs(self, pixels, prompts):
+        return self.scale * pixels.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(clip_tokenizer):
+    """Tiny SD-Turbo-shaped pipeline (diffusers' fast-test sizes): 8x8 latents, 16x16 images,
+    one trailing Euler step from t = 999."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+                                        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
+                                        pad_token_id=1, vocab_size=1000))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="trailing", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.unet.set_default_attn_processor()
+    pipe.vae.set_default_attn_processor()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def clip_reward(clip_tokenizer):
+    return CLIPReward(tiny_clip_model(), clip_tokenizer, offset=100.0)
+
+
+def digits_pipe(kind: str):
+    torch.manual_seed(0)
+    if kind == "dimr":
+        return DiMRPipeline(model=DiMRModel(**dimr_config("digits_tiny")), scheduler=DDIMScheduler(clip_sample=False))
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8, num_class_embeds=11)
+    return ClassConditionalPipeline(model=model, scheduler=DDIMScheduler(clip_sample=False))
+
+
+def run(pipe, reward, n_iters=3, prompt="a red cat", **kwargs):
+    return optimize(pipe, prompt, {"clip": 1.0}, models={"clip": reward}, n_iters=n_iters, **kwargs)
+
+
+def test_norm_prior_gradient_vanishes_at_sqrt_d_minus_1_and_descent_moves_the_norm_there():
+    z = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    d = z[0].numel()
+    at_mode = (z / z.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * math.sqrt(d - 1)).requires_grad_()
+    norm_prior(at_mode, 0.01).sum().backward()
+    assert at_mode.grad.abs().max() < 1e-6
+    for start in (0.5, 2.0):  # below and above the mode
+        x = (at_mode.detach() * start).requires_grad_()
+        for _ in range(20):
+            (grad,) = torch.autograd.grad(norm_prior(x, 0.01).sum(), x)
+            x = (x - 5.0 * grad).detach().requires_grad_()
+        assert abs(x[0].norm() - math.sqrt(d - 1)) < abs(start - 1) * math.sqrt(d - 1) / 2
+
+
+def test_clipped_gradient_norms_never_exceed_the_bound_and_match_torch_for_one_sample():
+    grads = torch.randn(6, 4, 8, 8) * torch.tensor([1e-4, 1e-3, 0.1, 1.0, 10.0, 1e4]).view(-1, 1, 1, 1)
+    before = grads.flatten(1).norm(dim=1)
+    clipped = grads.clone()
+    clip_grad_norm_per_sample_(clipped, 0.1)
+    assert (clipped.flatten(1).norm(dim=1) <= 0.1).all()
+    assert torch.equal(clipped[:2], grads[:2])  # already within the bound: untouched
+    for i in range(6):
+        z = torch.zeros(1, 4, 8, 8, requires_grad=True)
+        z.grad = grads[i:i + 1].clone()
+        torch.nn.utils.clip_grad_norm_([z], 0.1)
+        assert torch.allclose(z.grad, clipped[i:i + 1], rtol=1e-6, atol=0), before[i]
+
+
+def test_no_step_is_taken_on_the_last_iteration(sd_pipe, clip_reward):
+    once = run(sd_pipe, clip_reward, n_iters=1)
+    assert torch.equal(once.latents, once.initial_latents)
+    assert "grad_norm" not in once.history[0]
+    three = run(sd_pipe, clip_reward, n_iters=3)
+    assert ["grad_norm" in h for h in three.history] == [True, True, False]
+
+
+def test_only_the_latent_receives_gradients(sd_pipe, clip_reward):
+    result = run(sd_pipe, clip_reward, n_iters=2)
+    grad_norm = result.history[0]["grad_norm"]
+    assert torch.isfinite(grad_norm).all() and (grad_norm > 0).all()
+    for module in (sd_pipe.unet, sd_pipe.vae, sd_pipe.text_encoder, clip_reward):
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    assert not torch.equal(result.history[1]["norm"], result.history[0]["norm"])  # the latent moved
+
+
+def test_best_is_the_minimum_logged_loss_and_initial_rewards_are_iteration_zeros(sd_pipe, clip_reward):
+    result = run(sd_pipe, clip_reward, n_iters=5, prompt=["a red cat", "a blue dog"], lr=50.0)
+    totals = torch.stack([h["total"] for h in result.history])  # (iterations, B)
+    assert torch.equal(result.best_rewards["total"], totals.min(dim=0).values)
+    assert torch.equal(result.best_iteration, totals.argmin(dim=0))
+    assert all(torch.equal(result.initial_rewards[k], result.history[0][k]) for k in ("clip", "total"))
+    assert (result.best_rewards["total"] <= result.initial_rewards["total"]).all()
+    assert result.images.shape == (2, 3, 16, 16) and 0 <= result.images.min() and result.images.max() <= 1
+    with torch.no_grad():  # the best image is the render of the best latent
+        again = render(sd_pipe, result.latents, ["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(again, result.images, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_result(sd_pipe, clip_reward):
+    a, b = run(sd_pipe, clip_reward, seed=3), run(sd_pipe, clip_reward, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.initial_latents, run(sd_pipe, clip_reward, n_iters=1, seed=4).initial_latents)
+
+
+def test_weights_multiply_the_losses_and_a_zero_weight_removes_a_reward(sd_pipe, clip_reward):
+    bright = Brightness()
+    alone = optimize(sd_pipe, "a red cat", {"clip": 0.5}, models={"clip": clip_reward}, n_iters=3)
+    both = optimize(sd_pipe, "a red cat", {"clip": 0.5, "bright": 0.0}, models={"clip": clip_reward, "bright": bright},
+                    n_iters=3)
+    assert "bright" not in both.history[0]
+    assert torch.equal(alone.latents, both.latents)
+    mixed = optimize(sd_pipe, "a red cat", {"clip": 0.5, "bright": 3.0}, models={"clip": clip_reward, "bright": bright},
+                     n_iters=2)
+    h = mixed.history[1]
+    assert torch.allclose(h["total"], 0.5 * h["clip"] + 3.0 * h["bright"])
+
+
+@pytest.mark.parametrize("kind", ["unet", "dimr"])
+def test_on_a_digits_pipeline_the_classifier_reward_rises(kind):
+    pipe, labels = digits_pipe(kind), [3, 8]
+    result = optimize(pipe, labels, {"digits-cnn": 1.0}, n_iters=12, num_inference_steps=2, lr=5.0, grad_clip=1.0)
+    log_p = -torch.stack([h["digits-cnn"] for h in result.history])  # (iterations, B)
+    assert (log_p[-3:].mean(0) > log_p[0] + 0.5).all(), log_p[:, 0]
+    assert result.images.shape == (2, 1, 8, 8)
+    assert all(p.grad is None for p in pipe.model.parameters())
+
+
+def test_best_of_n_starts_from_renos_initial_latent_and_keeps_the_lowest_loss(sd_pipe, clip_reward):
+    reno = run(sd_pipe, clip_reward, n_iters=1)
+    select = best_of_n(sd_pipe, "a red cat", {"clip": 1.0}, n=4, models={"clip": clip_reward})
+    assert torch.allclose(select.initial_images, reno.initial_images, atol=1e-6)
+    totals = torch.stack([h["total"] for h in select.history])
+    assert torch.equal(select.best_rewards["total"], totals.min(dim=0).values)
+    assert len(set(totals[:, 0].tolist())) == 4  # four different latents
+
+
+def test_bad_input_is_refused_before_any_rendering(sd_pipe, clip_reward):
+    with pytest.raises(TypeError, match="cannot render through a DDPMPipeline; supported pipelines: StableDiffusion"):
+        unet = UNet2DModel(sample_size=8, block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2,
+                           up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)
+        optimize(DDPMPipeline(unet=unet, scheduler=DDIMScheduler()), "x", {"clip": 1.0}, models={"clip": clip_reward})
+    with pytest.raises(ValueError, match="every reward weight is 0"):
+        optimize(sd_pipe, "x", {"clip": 0.0}, models={"clip": clip_reward})
+    with pytest.raises(FileNotFoundError, match="needs a local path"):
+        optimize(sd_pipe, "x", {"pickscore": 1.0})
+    with pytest.raises(ValueError, match="latents must have shape"):
+        run(sd_pipe, clip_reward, latents=torch.zeros(1, 4, 4, 4))
+    assert load("digits-cnn").offset == 0.0
