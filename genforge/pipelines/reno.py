@@ -236,14 +236,16 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
              momentum: float = 0.9, nesterov: bool = True, grad_clip: float = 0.1, reg_weight: float = 0.01,
              seed: int = 0, latents: torch.Tensor | None = None, num_inference_steps: int = 1,
              guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
-             gradient_checkpointing: bool = True, offload_rewards: bool = False, progress: bool = False) -> RenoResult:
+             gradient_checkpointing: bool = True, offload_rewards: bool = False, progress: bool = False,
+             call_kwargs: Mapping | None = None) -> RenoResult:
     """Optimise the initial noise of ``pipe`` for ``prompt`` (a string or list of strings; class
     labels for a class-conditional pipeline) under ``rewards`` = {name: weight}.
 
     A reward's model is ``models[name]`` if given, else ``genforge.rewards.load(name,
     weights_dir / name)``. ``latents`` (B, C, h, w) default to N(0, I) drawn with ``seed`` and
     are kept in fp32 whatever the pipeline's dtype. ``offload_rewards`` keeps the reward models
-    on the CPU except while each one runs. Returns a :class:`RenoResult`.
+    on the CPU except while each one runs. ``call_kwargs`` go to the pipeline's ``__call__`` as
+    they are (e.g. ``use_resolution_binning=False`` for PixArt). Returns a :class:`RenoResult`.
     """
     if n_iters < 1 or lr <= 0 or grad_clip <= 0 or reg_weight < 0:
         raise ValueError(f"need n_iters >= 1, lr > 0, grad_clip > 0, reg_weight >= 0; got n_iters={n_iters}, "
@@ -266,7 +268,7 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
         opt.zero_grad(set_to_none=True)
         generator = torch.Generator(device).manual_seed(seed)
         image = render(pipe, z, prompts, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, generator=generator)
+                       guidance_scale=guidance_scale, generator=generator, **(call_kwargs or {}))
         step = iteration != n_iters - 1
         detached = image.detach().requires_grad_(step)
         losses = _reward_losses(detached, prompts, active, device, offload_rewards, backward=step)
@@ -286,7 +288,8 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
 def best_of_n(pipe, prompt, rewards: Mapping[str, float], n: int, *, models: Mapping[str, Reward] | None = None,
               weights_dir: str | Path | None = None, seed: int = 0, latents: torch.Tensor | None = None,
               num_inference_steps: int = 1, guidance_scale: float = 1.0, height: int | None = None,
-              width: int | None = None, offload_rewards: bool = False, progress: bool = False) -> RenoResult:
+              width: int | None = None, offload_rewards: bool = False, progress: bool = False,
+              call_kwargs: Mapping | None = None) -> RenoResult:
     """The official ``imageselect`` baseline: render ``n`` random latents (the first is the one
     :func:`optimize` starts from with the same ``seed``, the rest fresh N(0, I) draws) and keep,
     per prompt, the image of lowest total reward loss. ``history`` has one entry per candidate."""
@@ -308,7 +311,7 @@ def best_of_n(pipe, prompt, rewards: Mapping[str, float], n: int, *, models: Map
             z = torch.randn(z.shape, generator=draws)
         generator = torch.Generator(device).manual_seed(seed)
         image = render(pipe, z.to(device), prompts, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, generator=generator)
+                       guidance_scale=guidance_scale, generator=generator, **(call_kwargs or {}))
         losses = _reward_losses(image, prompts, active, device, offload_rewards, backward=False)
         best.update(candidate, image, z, losses)
         history.append({**{k: v.cpu() for k, v in losses.items()}, "seconds": torch.tensor(time.perf_counter() - start)})

@@ -1,6 +1,9 @@
 """ReNO's reward models (arXiv 2406.04312): each loss equals the official formula computed
 through another path of the same tiny model; local loading, the registry, and clear errors."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from genforge.metrics.digits_classifier import load_digits_classifier
 from genforge.rewards import CLIP_MEAN, CLIP_STD, AestheticReward, CLIPReward, ClassifierReward, RewardMLP
 
 PROMPTS = ["a red cat", "two blue dogs"]
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def official_transform(size):
@@ -54,7 +58,7 @@ def test_hpsv2_loss_is_one_minus_cosine_of_the_open_clip_model(tmp_path):
     open_clip = pytest.importorskip("open_clip", reason="HPSv2 needs the [rewards] extra (open_clip)")
     config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "gf-tiny-hps.json").write_text(__import__("json").dumps(config))
+    (tmp_path / "gf-tiny-hps.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "gf-tiny-hps.json")
     torch.manual_seed(0)
     model = open_clip.create_model("gf-tiny-hps", pretrained=None).eval()
@@ -108,3 +112,23 @@ def test_a_missing_weight_file_is_named_before_anything_is_built(tmp_path, name,
     path = tmp_path / "nothing.safetensors" if name == "digits-cnn" else tmp_path
     with pytest.raises(FileNotFoundError, match=missing.replace("+", r"\+")):
         rewards.load(name, path)
+
+
+def test_imagereward_loads_the_official_layout_and_matches_the_official_loss(tmp_path):
+    """tests/fixtures/imagereward_official_tiny.json: the official checkpoint's key names and
+    shapes for a tiny BLIP, and the loss ReNO's official code computed on them (in scratch)."""
+    fixture = json.loads((FIXTURES / "imagereward_official_tiny.json").read_text())
+    torch.manual_seed(0)
+    state = {k: (torch.arange(s[-1]).expand(*s).clone() if k.endswith("position_ids") else torch.randn(s) * 0.1)
+             for k, s in fixture["official_keys"].items()}
+    torch.save(state, tmp_path / "ImageReward.pt")
+    (tmp_path / "med_config.json").write_text(json.dumps(fixture["med_config"]))
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.txt").write_text("\n".join(fixture["vocab"]) + "\n")
+    reward = rewards.load("imagereward", tmp_path, vision_config=fixture["vision_config"])
+    x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(reward.loss(x, fixture["prompts"]), torch.tensor(fixture["official_loss"]), atol=1e-5)
+    del state["mlp.layers.7.bias"]
+    torch.save(state, tmp_path / "ImageReward.pt")
+    with pytest.raises(ValueError, match=r"ImageReward mlp in .*missing \(1\): \['layers.7.bias'\]"):
+        rewards.load("imagereward", tmp_path, vision_config=fixture["vision_config"])
