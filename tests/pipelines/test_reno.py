@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 from conftest import tiny_clip_model
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel, UNet2DModel)
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+                          T5TokenizerFast)
 
 from genforge.models.dimr import DiMRModel, dimr_config
 from genforge.pipelines import ClassConditionalPipeline, DiMRPipeline
@@ -30,6 +33,55 @@ class Brightness(Reward):
         return self.scale * pixels.mean(dim=(1, 2, 3))
 
 
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+
+
+def tiny_clip_text(hidden=32, projection=False):
+    torch.manual_seed(0)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-5,
+                            num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
+                            projection_dim=32)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def sdxl_pipe(clip_tokenizer):
+    """Tiny SDXL-Turbo-shaped pipeline (diffusers' fast-test sizes), trailing Euler-ancestral."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                                cross_attention_dim=64, norm_num_groups=1)
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                timestep_spacing="trailing", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer,
+                                     text_encoder_2=tiny_clip_text(projection=True), tokenizer_2=clip_tokenizer,
+                                     unet=unet, scheduler=scheduler)
+
+
+def pixart_pipe(_):
+    """Tiny PixArt-alpha-DMD-shaped pipeline: a 2-layer PixArt transformer, a 1-layer T5 with a
+    letter-level tokenizer built in memory, DDPM."""
+    letters = ["<pad>", "</s>", "<unk>"] + [chr(c) for c in range(97, 123)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(letters)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    text = T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4))
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text, vae=tiny_vae(), transformer=transformer,
+                               scheduler=DDPMScheduler())
+
+
 @pytest.fixture(scope="module")
 def sd_pipe(clip_tokenizer):
     """Tiny SD-Turbo-shaped pipeline (diffusers' fast-test sizes): 8x8 latents, 16x16 images,
@@ -38,16 +90,10 @@ def sd_pipe(clip_tokenizer):
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
-                                        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
-                                        pad_token_id=1, vocab_size=1000))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="trailing", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer, unet=unet, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer, unet=unet,
+                                   scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.unet.set_default_attn_processor()
     pipe.vae.set_default_attn_processor()
@@ -158,6 +204,18 @@ def test_on_a_digits_pipeline_the_classifier_reward_rises(kind):
     assert (log_p[-3:].mean(0) > log_p[0] + 0.5).all(), log_p[:, 0]
     assert result.images.shape == (2, 1, 8, 8)
     assert all(p.grad is None for p in pipe.model.parameters())
+
+
+@pytest.mark.parametrize("build, call_kwargs", [(sdxl_pipe, {}),
+                                                (pixart_pipe, {"use_resolution_binning": False, "clean_caption": False,
+                                                               "max_sequence_length": 16})])
+def test_sdxl_and_pixart_render_differentiably_through_their_own_call(clip_tokenizer, clip_reward, build, call_kwargs):
+    pipe = build(clip_tokenizer)
+    first = optimize(pipe, "a red cat", {"clip": 1.0}, models={"clip": clip_reward}, n_iters=3, call_kwargs=call_kwargs)
+    again = optimize(pipe, "a red cat", {"clip": 1.0}, models={"clip": clip_reward}, n_iters=3, call_kwargs=call_kwargs)
+    assert torch.isfinite(first.history[0]["grad_norm"]).all() and (first.history[0]["grad_norm"] > 0).all()
+    assert first.best_rewards["total"] < first.initial_rewards["total"]
+    assert torch.equal(first.images, again.images)  # re-seeded generator: an ancestral step repeats its noise
 
 
 def test_best_of_n_starts_from_renos_initial_latent_and_keeps_the_lowest_loss(sd_pipe, clip_reward):
