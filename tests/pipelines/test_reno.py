@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_clip_model
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
+from conftest import tiny_clip_model, tiny_clip_text, tiny_sd_pipeline, tiny_vae
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerAncestralDiscreteScheduler, PixArtAlphaPipeline,
+                       PixArtTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
-                          T5TokenizerFast)
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
 from genforge.models.dimr import DiMRModel, dimr_config
 from genforge.pipelines import ClassConditionalPipeline, DiMRPipeline
@@ -31,20 +29,6 @@ class Brightness(Reward):
 
     def score_inputs(self, pixels, prompts):
         return self.scale * pixels.mean(dim=(1, 2, 3))
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-
-
-def tiny_clip_text(hidden=32, projection=False):
-    torch.manual_seed(0)
-    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-5,
-                            num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
-                            projection_dim=32)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def sdxl_pipe(clip_tokenizer):
@@ -84,20 +68,7 @@ def pixart_pipe(_):
 
 @pytest.fixture(scope="module")
 def sd_pipe(clip_tokenizer):
-    """Tiny SD-Turbo-shaped pipeline (diffusers' fast-test sizes): 8x8 latents, 16x16 images,
-    one trailing Euler step from t = 999."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="trailing", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer, unet=unet,
-                                   scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.unet.set_default_attn_processor()
-    pipe.vae.set_default_attn_processor()
-    return pipe
+    return tiny_sd_pipeline(clip_tokenizer)
 
 
 @pytest.fixture(scope="module")
