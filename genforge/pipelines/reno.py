@@ -204,7 +204,8 @@ class _Best:
         self.total = None
 
     def update(self, iteration: int, image, z, losses) -> None:
-        image, z = image.detach().float().cpu(), z.detach().float().cpu()
+        # copies: on the CPU in fp32 these would otherwise be views of the live, optimised latent
+        image, z = image.detach().float().cpu().clone(), z.detach().float().cpu().clone()
         losses = {k: v.cpu() for k, v in losses.items()}
         if self.total is None:
             self.initial_image, self.initial_z, self.initial_losses = image, z, losses

@@ -121,6 +121,7 @@ def test_clipped_gradient_norms_never_exceed_the_bound_and_match_torch_for_one_s
 def test_no_step_is_taken_on_the_last_iteration(sd_pipe, clip_reward):
     once = run(sd_pipe, clip_reward, n_iters=1)
     assert torch.equal(once.latents, once.initial_latents)
+    assert torch.equal(once.initial_latents, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert "grad_norm" not in once.history[0]
     three = run(sd_pipe, clip_reward, n_iters=3)
     assert ["grad_norm" in h for h in three.history] == [True, True, False]
@@ -133,6 +134,7 @@ def test_only_the_latent_receives_gradients(sd_pipe, clip_reward):
     for module in (sd_pipe.unet, sd_pipe.vae, sd_pipe.text_encoder, clip_reward):
         assert all(not p.requires_grad and p.grad is None for p in module.parameters())
     assert not torch.equal(result.history[1]["norm"], result.history[0]["norm"])  # the latent moved
+    assert torch.allclose(result.initial_latents.flatten(1).norm(dim=1), result.history[0]["norm"])  # kept as drawn
 
 
 def test_best_is_the_minimum_logged_loss_and_initial_rewards_are_iteration_zeros(sd_pipe, clip_reward):
@@ -210,3 +212,14 @@ def test_bad_input_is_refused_before_any_rendering(sd_pipe, clip_reward):
     with pytest.raises(ValueError, match="latents must have shape"):
         run(sd_pipe, clip_reward, latents=torch.zeros(1, 4, 4, 4))
     assert load("digits-cnn").offset == 0.0
+
+
+def test_a_bfloat16_generator_optimises_an_fp32_latent_and_offloading_rewards_changes_nothing():
+    pipe = digits_pipe("unet")
+    fp32 = optimize(pipe, [3], {"digits-cnn": 1.0}, n_iters=3, num_inference_steps=2)
+    offloaded = optimize(pipe, [3], {"digits-cnn": 1.0}, n_iters=3, num_inference_steps=2, offload_rewards=True)
+    assert torch.equal(fp32.latents, offloaded.latents)
+    low = optimize(pipe.to(dtype=torch.bfloat16), [3], {"digits-cnn": 1.0}, n_iters=3, num_inference_steps=2)
+    assert low.latents.dtype == torch.float32 and torch.isfinite(low.history[0]["grad_norm"]).all()
+    assert torch.equal(low.initial_latents, fp32.initial_latents)
+    assert torch.allclose(low.initial_rewards["total"], fp32.initial_rewards["total"], rtol=0.1)
