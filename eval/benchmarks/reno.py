@@ -14,8 +14,10 @@ shown too (how far the reward itself was pushed).
 
 ``memory``: a small SD-shaped text-to-image pipeline (random weights, the UNet/VAE of
 diffusers' fast tests at ``--size`` pixels, a tiny CLIP reward): seconds per ReNO iteration
-and peak memory with and without gradient checkpointing, each in a fresh process (peak RSS
-above a no-grad render on CPU; ``torch.cuda.max_memory_allocated`` on a GPU).
+and peak memory with and without gradient checkpointing, each in a fresh process: on CPU the
+growth of the peak resident size (``VmHWM``, reset after a no-grad render) over the resident
+size then, as eval/benchmarks/attention.py measures it; on a GPU ``max_memory_allocated`` above
+the memory allocated after that render.
 
     python eval/benchmarks/reno.py train-judge --out runs/bench_reno/judge_mlp.safetensors
     python eval/benchmarks/reno.py digits --pipeline runs/dimr_digits/pipeline --seeds 0 1 2
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attention import proc_status_kib  # eval/benchmarks/attention.py, beside this script
 
 from genforge.metrics.digits_classifier import INPUT_SIZE, JudgeCNN
 
@@ -162,15 +165,18 @@ def memory_probe(size: int, n_iters: int, checkpointing: str) -> dict:
     reward = CLIPReward(tiny_clip_model(image_size=224), tokenizer, offset=100.0)
     with torch.no_grad():
         render(pipe, torch.randn(1, 4, size // 2, size // 2, device=device), ["a cat"])
-    base = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:  # Linux: reset the peak-RSS counter (ru_maxrss would carry the parent's peak, see attention.py)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = proc_status_kib("VmRSS") * 1024
     result = optimize(pipe, "a red cat", {"clip": 1.0}, models={"clip": reward}, n_iters=n_iters,
                       gradient_checkpointing=checkpointing == "on")
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_kib("VmHWM") * 1024
     seconds = [float(h["seconds"]) for h in result.history[1:-1]] or [float(result.history[0]["seconds"])]
     return {"device": device, "size": size, "checkpointing": checkpointing,
-            "peak_above_render_mib": (peak - (0 if device == "cuda" else base)) / 2**20,
+            "peak_above_render_mib": (peak - before) / 2**20,
             "seconds_per_iteration": statistics.median(seconds)}
 
 
