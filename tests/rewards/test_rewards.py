@@ -2,6 +2,7 @@
 through another path of the same tiny model; local loading, the registry, and clear errors."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,13 @@ def test_hpsv2_loss_is_one_minus_cosine_of_the_open_clip_model(tmp_path):
         out = model(official_transform(32)(x), open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
         image, text = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     assert torch.allclose(reward.loss(x, PROMPTS), 1 - (image * text).sum(-1), atol=1e-5)
+
+
+def test_hpsv2_without_open_clip_says_which_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as when the [rewards] extra is absent
+    torch.save({"state_dict": {}}, tmp_path / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ImportError, match=r"pip install 'genforge\[rewards\]'"):
+        rewards.load("hpsv2", tmp_path)
 
 
 def test_saved_clip_and_pickscore_directories_load_to_the_same_reward(tmp_path, clip_tokenizer_dir, clip_tokenizer):
