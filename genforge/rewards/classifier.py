@@ -39,8 +39,10 @@ class ClassifierReward(Reward):
         labels = torch.as_tensor(prompts, dtype=torch.long, device=self.device).reshape(-1)
         labels = labels.expand(images.shape[0]) if labels.numel() == 1 else labels
         classes = getattr(self.classifier, "num_classes", None)
-        if labels.shape != (images.shape[0],) or (classes is not None and not 0 <= int(labels.min()) <= int(labels.max()) < classes):
-            raise ValueError(f"expected one class label or {images.shape[0]} labels in [0, {classes}), got {labels.tolist()}")
+        in_range = classes is None or 0 <= int(labels.min()) <= int(labels.max()) < classes
+        if labels.shape != (images.shape[0],) or not in_range:
+            raise ValueError(f"expected one class label or {images.shape[0]} labels in [0, {classes}), "
+                             f"got {labels.tolist()}")
         return self.score_inputs(self.preprocess(images), labels)
 
 
