@@ -94,6 +94,7 @@ def judge_sets(sets: dict[str, torch.Tensor], labels: torch.Tensor, judge: nn.Mo
 
 
 def digits(args) -> dict:
+    import genforge.models  # noqa: F401 -- a saved DiMR pipeline names genforge.models.dimr, which must be imported
     from genforge.metrics.digits_classifier import load_judge
     from genforge.pipelines import load_saved_pipeline
     from genforge.pipelines.reno import best_of_n, optimize

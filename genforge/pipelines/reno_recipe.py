@@ -83,6 +83,7 @@ def load_pipeline(recipe: RenoRecipe):
     """The recipe's pipeline on its device and dtype; trained first by ``train_recipe`` when missing."""
     from diffusers import DiffusionPipeline
 
+    import genforge.models  # noqa: F401 -- a saved DiMR pipeline names genforge.models.dimr, which must be imported
     from genforge.pipelines import PIPELINES, load_saved_pipeline
 
     directory = Path(recipe.pipeline)
