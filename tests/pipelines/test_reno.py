@@ -105,11 +105,12 @@ def test_norm_prior_gradient_vanishes_at_sqrt_d_minus_1_and_descent_moves_the_no
 
 
 def test_clipped_gradient_norms_never_exceed_the_bound_and_match_torch_for_one_sample():
-    grads = torch.randn(6, 4, 8, 8) * torch.tensor([1e-4, 1e-3, 0.1, 1.0, 10.0, 1e4]).view(-1, 1, 1, 1)
+    scales = torch.tensor([1e-4, 1e-3, 0.1, 1.0, 10.0, 1e4]).view(-1, 1, 1, 1)
+    grads = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scales
     before = grads.flatten(1).norm(dim=1)
     clipped = grads.clone()
     clip_grad_norm_per_sample_(clipped, 0.1)
-    assert (clipped.flatten(1).norm(dim=1) <= 0.1).all()
+    assert (clipped.flatten(1).norm(dim=1) <= 0.1 * (1 + 1e-6)).all()  # up to fp32 rounding of the norm
     assert torch.equal(clipped[:2], grads[:2])  # already within the bound: untouched
     for i in range(6):
         z = torch.zeros(1, 4, 8, 8, requires_grad=True)
