@@ -4,8 +4,9 @@
 ``runs/dimr_digits/pipeline``), for each seed, ``--per-class`` latents per class are
 (a) sampled as they are (the initial images), (b) optimised by ReNO with the shipped digits
 CNN's log p(class) as the reward, (c) replaced by the best of N random latents under the same
-reward, N chosen so that best-of-N takes the wall time ReNO took (measured in this process, one
-method at a time). Every set is judged by an independent classifier that is not the reward (an
+reward, with N = n_iters x (seconds of a ReNO iteration / seconds of a best-of-N candidate),
+that ratio measured side by side in this process just before (alternating short runs), so
+that both get the same wall time; the actual seconds of each are reported too. Every set is judged by an independent classifier that is not the reward (an
 MLP, another architecture, trained with another seed by ``train-judge``; its own test accuracy
 is printed and stored next to it): agreement with the wanted class, and FID against the digits
 train split on the digits CNN's features (torch-fidelity; that network is also the reward, so
@@ -93,6 +94,20 @@ def judge_sets(sets: dict[str, torch.Tensor], labels: torch.Tensor, judge: nn.Mo
     return rows
 
 
+def cost_ratio(pipe, labels, rewards, common, rounds: int = 2, k: int = 3) -> float:
+    """Seconds of one ReNO iteration over seconds of one best-of-N candidate, measured side by
+    side (alternating runs of ``k`` of each, ``rounds`` times, medians) so that the machine's
+    load changes both alike."""
+    from genforge.pipelines.reno import best_of_n, optimize
+
+    reno, select = [], []
+    for _ in range(rounds):
+        history = optimize(pipe, labels, rewards, n_iters=k + 1, **common).history[:-1]  # the last takes no step
+        reno += [float(h["seconds"]) for h in history]
+        select += [float(h["seconds"]) for h in best_of_n(pipe, labels, rewards, n=k, **common).history]
+    return statistics.median(reno) / statistics.median(select)
+
+
 def digits(args) -> dict:
     import genforge.models  # noqa: F401 -- a saved DiMR pipeline names genforge.models.dimr, which must be imported
     from genforge.metrics.digits_classifier import load_judge
@@ -110,19 +125,18 @@ def digits(args) -> dict:
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     per_seed = []
     for seed in args.seeds:
+        ratio = cost_ratio(pipe, labels, rewards, common)
+        n = max(1, round(args.n_iters * ratio))
         start = time.perf_counter()
         reno = optimize(pipe, labels, rewards, n_iters=args.n_iters, lr=args.lr, grad_clip=args.grad_clip,
                         seed=seed, progress=True, **common)
         reno_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        best_of_n(pipe, labels, rewards, n=3, seed=seed, **common)
-        per_candidate = (time.perf_counter() - start) / 3
-        n = max(1, round(reno_seconds / per_candidate))
-        start = time.perf_counter()
         select = best_of_n(pipe, labels, rewards, n=n, seed=seed, progress=True, **common)
         select_seconds = time.perf_counter() - start
         rows = judge_sets({"initial": reno.initial_images, "ReNO": reno.images, "best-of-N": select.images}, labels, judge)
         rows["ReNO"]["seconds"], rows["best-of-N"]["seconds"], rows["best-of-N"]["n"] = reno_seconds, select_seconds, n
+        rows["best-of-N"]["cost_ratio"] = ratio
         per_seed.append(rows)
         print(f"seed {seed}: " + json.dumps(rows))
     summary = {name: {key: statistics.mean(r[name][key] for r in per_seed) for key in per_seed[0][name]}
