@@ -102,7 +102,8 @@ def load_pipeline(recipe: RenoRecipe):
     else:
         pipe = DiffusionPipeline.from_pretrained(directory, local_files_only=True, torch_dtype=DTYPES[recipe.dtype])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device
-    return pipe.to(device, DTYPES[recipe.dtype])
+    pipe = pipe.to(device)
+    return pipe if recipe.dtype == "float32" else pipe.to(dtype=DTYPES[recipe.dtype])
 
 
 def read_prompts(path, class_conditional: bool) -> list:
