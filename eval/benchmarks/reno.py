@@ -79,18 +79,23 @@ def train_judge(out: Path, seed: int, epochs: int) -> dict:
     return facts
 
 
-def judge_sets(sets: dict[str, torch.Tensor], labels: torch.Tensor, judge: nn.Module) -> dict[str, dict]:
+def judge_sets(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
+               judge: nn.Module) -> dict[str, dict]:
+    """Per set of (images in [0, 1], reward losses): the judge's agreement and mean log p(class),
+    the reward CNN's agreement, the mean reward loss, FID against the digits train split."""
     from genforge.data.digits import DigitsDataset
     from genforge.metrics import classifier_agreement, compute_fidelity, load_digits_classifier
 
     real = DigitsDataset("train", image_size=8).images
     reward_cnn = load_digits_classifier()
     rows = {}
-    for name, images in sets.items():
+    for name, (images, reward_loss) in sets.items():
         signed = images * 2 - 1
-        rows[name] = {"judge_agreement": classifier_agreement(signed, labels, judge),
+        with torch.no_grad():
+            judge_logp = judge(signed).log_softmax(-1).gather(1, labels[:, None]).mean().item()
+        rows[name] = {"judge_agreement": classifier_agreement(signed, labels, judge), "judge_log_p": judge_logp,
                       "reward_cnn_agreement": classifier_agreement(signed, labels, reward_cnn),
-                      "fid": compute_fidelity(real, signed)["fid"]}
+                      "reward_loss": reward_loss.mean().item(), "fid": compute_fidelity(real, signed)["fid"]}
     return rows
 
 
@@ -134,7 +139,9 @@ def digits(args) -> dict:
         start = time.perf_counter()
         select = best_of_n(pipe, labels, rewards, n=n, seed=seed, progress=True, **common)
         select_seconds = time.perf_counter() - start
-        rows = judge_sets({"initial": reno.initial_images, "ReNO": reno.images, "best-of-N": select.images}, labels, judge)
+        rows = judge_sets({"initial": (reno.initial_images, reno.initial_rewards["total"]),
+                           "ReNO": (reno.images, reno.best_rewards["total"]),
+                           "best-of-N": (select.images, select.best_rewards["total"])}, labels, judge)
         rows["ReNO"]["seconds"], rows["best-of-N"]["seconds"], rows["best-of-N"]["n"] = reno_seconds, select_seconds, n
         rows["best-of-N"]["cost_ratio"] = ratio
         per_seed.append(rows)
@@ -142,14 +149,16 @@ def digits(args) -> dict:
     summary = {name: {key: statistics.mean(r[name][key] for r in per_seed) for key in per_seed[0][name]}
                for name in per_seed[0]}
     spread = {name: {key: statistics.stdev(r[name][key] for r in per_seed) if len(per_seed) > 1 else 0.0
-                     for key in ("judge_agreement", "fid")} for name in per_seed[0]}
+                     for key in ("judge_agreement", "judge_log_p", "fid")} for name in per_seed[0]}
     result = {"judge": judge_facts, "settings": vars(args), "per_seed": per_seed, "mean": summary, "std": spread}
     print(f"\nindependent judge {judge_facts['architecture']}, test accuracy {judge_facts['test_accuracy']}")
-    print(f"{'':10} {'judge agreement':>17} {'FID (digits CNN)':>18} {'reward-CNN agr.':>16} {'seconds':>8}")
+    print(f"{'':10} {'judge agreement':>17} {'judge log p':>17} {'FID (digits CNN)':>18} {'reward-CNN agr.':>16} "
+          f"{'-log p reward':>14} {'seconds':>8}")
     for name in summary:
         m, s = summary[name], spread[name]
-        print(f"{name:10} {m['judge_agreement']:9.3f} ± {s['judge_agreement']:.3f} {m['fid']:10.2f} ± {s['fid']:5.2f} "
-              f"{m['reward_cnn_agreement']:16.3f} {m.get('seconds', float('nan')):8.1f}")
+        print(f"{name:10} {m['judge_agreement']:9.3f} ± {s['judge_agreement']:.3f} {m['judge_log_p']:9.3f} ± "
+              f"{s['judge_log_p']:.3f} {m['fid']:10.2f} ± {s['fid']:5.2f} {m['reward_cnn_agreement']:16.3f} "
+              f"{m['reward_loss']:14.4f} {m.get('seconds', float('nan')):8.1f}")
     return result
 
 
