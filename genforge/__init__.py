@@ -16,12 +16,16 @@ __version__ = "0.1.0"
 _LAZY = {"DiMRModel": "genforge.models.dimr", "DiMRPipeline": "genforge.pipelines.dimr",
          "ClassConditionalPipeline": "genforge.pipelines.class_conditional"}
 _SUBPACKAGES = ("backbones", "config", "core", "data", "distill", "kd", "methods", "metrics", "models",
-                "pipelines", "train")
-__all__ = [*_LAZY, *_SUBPACKAGES, "__version__"]
+                "pipelines", "rewards", "train")
+_ALIASES = {"reno": "genforge.pipelines.reno"}
+__all__ = [*_LAZY, *_SUBPACKAGES, *_ALIASES, "__version__"]
 
 
 def __getattr__(name: str):
-    """``genforge.DiMRModel`` and ``genforge.distill`` import their module on first use."""
+    """``genforge.DiMRModel``, ``genforge.distill`` and ``genforge.reno`` (ReNO's
+    :mod:`genforge.pipelines.reno`) import their module on first use."""
+    if name in _ALIASES:
+        return importlib.import_module(_ALIASES[name])
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _SUBPACKAGES:

@@ -1,4 +1,4 @@
-"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``sample`` and ``eval``.
+"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``reno``, ``sample`` and ``eval``.
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
@@ -8,6 +8,10 @@
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
   ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce``);
+- ``genforge reno RECIPE --prompts FILE`` optimises the initial noise of a pipeline for each
+  prompt (class label for a class-conditional pipeline) with reward models, ReNO (the same as
+  ``python -m genforge.pipelines.reno_recipe``), writing the images, per-prompt rewards and an
+  initial-vs-optimised PNG;
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
   model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
   DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
@@ -87,6 +91,7 @@ FORWARDED = {
     "train": ("genforge.train.__main__", "train a recipe with the one Accelerate loop"),
     "distill": ("genforge.distill.__main__", "distil a dataset from a recipe"),
     "reinforce": ("genforge.kd.reinforce.recipe", "build a reinforced dataset from a recipe"),
+    "reno": ("genforge.pipelines.reno_recipe", "optimise each prompt's initial noise with reward models (ReNO)"),
 }
 """Subcommands whose parser lives with their command (``python -m MODULE`` runs the same):
 ``genforge NAME ...`` calls that module's ``main(argv, prog="genforge NAME")``."""

@@ -19,6 +19,7 @@ def help_of(capsys, *argv) -> str:
     ("train", "--set KEY=VALUE", "(default: [])"),
     ("distill", "--no-progress", "(default: False)"),
     ("reinforce", "--max-shards MAX_SHARDS", "(default: None)"),
+    ("reno", "--no-progress", "(default: False)"),
     ("sample", "--per-class PER_CLASS", "(default: 10)"),
     ("eval", "--real REAL", "(default: digits:train)"),
 ])
@@ -33,7 +34,7 @@ def test_each_subcommand_has_its_own_help_with_its_name_and_defaults(capsys, com
 def test_the_top_level_help_lists_every_subcommand(capsys):
     text = help_of(capsys)
     assert text.startswith("usage: genforge ")
-    assert all(f"\n    {name}" in text for name in ("train", "distill", "reinforce", "sample", "eval"))
+    assert all(f"\n    {name}" in text for name in ("train", "distill", "reinforce", "reno", "sample", "eval"))
 
 
 def test_eval_shows_torch_fidelitys_progress_unless_asked_not_to(tmp_path, capfd):

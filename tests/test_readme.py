@@ -26,6 +26,8 @@ TINY = [  # (README text, tiny setting): sizes and lengths only, never the calls
     ("EvalOptions(num_eval=5)", "EvalOptions(num_eval=1, epochs=1)"),
     ('"/path/revcol_tiny_1k.pth"', '"revcol_tiny_1k.pth"'),
     ("steps=300", "steps=2"),
+    ("n_iters=50", "n_iters=2"),
+    ("n=50,", "n=2,"),
 ]
 
 

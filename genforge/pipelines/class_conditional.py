@@ -51,7 +51,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: list[int] | torch.Tensor, guidance_scale: float = 1.0,
                  num_inference_steps: int = 50, generator: torch.Generator | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, latents: torch.Tensor | None = None):
+        """``latents``: the starting noise (B, C, H, W), drawn from ``generator`` when not given."""
+        return self._sample(class_labels, guidance_scale, num_inference_steps, generator, output_type, return_dict,
+                            latents)
+
+    def _sample(self, class_labels, guidance_scale, num_inference_steps, generator, output_type, return_dict,
+                latents):
+        """:meth:`__call__` without ``no_grad``: ReNO differentiates through it."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if guidance_scale < 1.0:
@@ -62,7 +69,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in [0, {null}] ({null} = unconditional), got {labels.tolist()}")
         config = self.model.config
         shape = (labels.shape[0], config.in_channels, *sample_shape(config.sample_size))
-        x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.model.dtype)
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=self.device, dtype=self.model.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for {labels.shape[0]} labels, got {tuple(latents.shape)}")
+        else:
+            x = latents.to(self.device, self.model.dtype)
         x = x * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         for t in self.progress_bar(self.scheduler.timesteps):

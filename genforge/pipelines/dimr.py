@@ -43,11 +43,11 @@ class DiMRPipeline(ClassConditionalPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: list[int] | torch.Tensor, guidance_scale: float = 1.0,
                  guidance_decay_power: float | None = None, num_inference_steps: int = 50,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                 latents: torch.Tensor | None = None):
         self._decay_power = guidance_decay_power
         try:
-            return super().__call__(class_labels, guidance_scale=guidance_scale,
-                                    num_inference_steps=num_inference_steps, generator=generator,
-                                    output_type=output_type, return_dict=return_dict)
+            return self._sample(class_labels, guidance_scale, num_inference_steps, generator, output_type,
+                                return_dict, latents)
         finally:
             self._decay_power = None
