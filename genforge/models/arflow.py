@@ -67,7 +67,7 @@ ARFLOW_CONFIGS: dict[str, dict] = {
     **{f"{size}/{patch}": _paper_config(size, patch) for size in ARFLOW_SIZES for patch in (2, 4, 8)},
     "tiny": {"sample_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2, "num_heads": 2,
              "num_classes": 10, "learn_sigma": True},
-    "digits": {"sample_size": 8, "patch_size": 1, "in_channels": 1, "hidden_size": 120, "depth": 4,
+    "digits": {"sample_size": 8, "patch_size": 2, "in_channels": 1, "hidden_size": 120, "depth": 4,
                "num_heads": 4, "num_classes": 10, "learn_sigma": False},
 }
 """Named configs. The paper's ``S/2`` ... ``XL/8`` at 128 px (16x16 SD-VAE latents, the
