@@ -1,4 +1,4 @@
-"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``sample`` and ``eval``.
+"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``cache-latents``, ``sample`` and ``eval``.
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
@@ -8,6 +8,9 @@
 - ``genforge reinforce RECIPE [--max-shards N]`` builds a reinforced dataset (stored
   augmentations + the teachers' top-k probabilities, in shards a killed run resumes) that
   ``reinforced`` student recipes train from (the same as ``python -m genforge.kd.reinforce``);
+- ``genforge cache-latents --vae DIR --images FOLDER --out DIR`` encodes an image folder once with
+  a local diffusers AutoencoderKL into resumable latent shards (the ``latents`` dataset reads
+  them; the same as ``python -m genforge.data.latents``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
   model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
   DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
@@ -87,6 +90,7 @@ FORWARDED = {
     "train": ("genforge.train.__main__", "train a recipe with the one Accelerate loop"),
     "distill": ("genforge.distill.__main__", "distil a dataset from a recipe"),
     "reinforce": ("genforge.kd.reinforce.recipe", "build a reinforced dataset from a recipe"),
+    "cache-latents": ("genforge.data.latents", "encode an image folder into latent shards with a local VAE"),
 }
 """Subcommands whose parser lives with their command (``python -m MODULE`` runs the same):
 ``genforge NAME ...`` calls that module's ``main(argv, prog="genforge NAME")``."""
