@@ -72,9 +72,9 @@ ARFLOW_CONFIGS: dict[str, dict] = {
 }
 """Named configs. The paper's ``S/2`` ... ``XL/8`` at 128 px (16x16 SD-VAE latents, the
 official default image size; only the fixed position table depends on it); ``tiny`` is the
-spec's smallest CPU configuration; ``digits`` (8x8 digits, patch 1, 64 tokens per image, depth 4,
-width 120: 1,177,681 parameters) has as many parameters as the SiT baseline on diffusers' DiT
-(:data:`genforge.models.dit.DIT_CONFIGS` ``digits``, depth 4, width 116: 1,181,925; diffusers'
+spec's smallest CPU configuration; ``digits`` (8x8 digits, patch 2, 16 tokens per image, depth 4,
+width 120: 1,178,404 parameters) has as many parameters as the SiT baseline on diffusers' DiT
+(:data:`genforge.models.dit.DIT_CONFIGS` ``digits`` with patch 2, depth 4, width 116: 1,182,624; diffusers'
 DiT blocks carry their own embedders, so equal depth and patch leave it 4 channels narrower)."""
 
 
