@@ -17,7 +17,8 @@ official uses ADM's crop, which equals it for images whose shorter side is ``ima
 Cache layout (``OUT``): ``latents.json`` (VAE path, scaling factor, image size, classes, image
 count, shard size) and ``shard_NNNNN.safetensors`` files, each holding ``moments``,
 ``moments_flip`` (float16, (n, 2c, h, w)) and ``labels`` (int64) of images
-[k * shard_size, (k + 1) * shard_size) in the folder's order. Every shard is written atomically, so
+[k * shard_size, (k + 1) * shard_size) in the folder's order (float16 halves the cache; the
+official stores float32 .npz files, one per image). Every shard is written atomically, so
 a killed run is resumed by running the same command again: finished shards are kept and the
 first missing one is encoded next. A cache made with other settings is refused, not mixed.
 

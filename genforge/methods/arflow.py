@@ -31,7 +31,6 @@ decoding them with the VAE for a grid and an Inception FID is not part of the ru
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from diffusers import DiTTransformer2DModel
 from genforge.config import ConfigError, check_known_keys
 from genforge.core.embed import drop_labels, null_class_of
 from genforge.data import build_dataset
+from genforge.methods.diffusion import check_network_section
 from genforge.methods.sampling import evaluate_pipeline
 from genforge.models.arflow import ARFLOW_CONFIGS, ARFlowModel
 from genforge.models.dit import DIT_CONFIGS, dit_baseline
@@ -115,17 +115,7 @@ class LinearPathMethod(Method):
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(self.defaults), "model", self._source())
-        name = model_cfg.get("config", MODEL_DEFAULTS["config"])
-        if name not in self.named_configs:
-            raise ConfigError(f"{self._source()}: model.config {name!r} is not one of {sorted(self.named_configs)}")
-        args = model_cfg.get("args", {})
-        if not isinstance(args, dict):
-            raise ConfigError(f"{self._source()}: model.args must be a mapping, got {type(args).__name__}")
-        accepted = [p for p in inspect.signature(self.model_class.__init__).parameters if p != "self"]
-        check_known_keys(args, accepted, "model.args", self._source())
-        dropout = model_cfg.get("class_dropout", MODEL_DEFAULTS["class_dropout"])
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ConfigError(f"{self._source()}: model.class_dropout must be in [0, 1), got {dropout!r}")
+        check_network_section(model_cfg, self.named_configs, self.model_class, self._source())
         length = model_cfg.get("sequence_length", 1)
         if not isinstance(length, int) or length < 1:
             raise ConfigError(f"{self._source()}: model.sequence_length must be a positive int, got {length!r}")

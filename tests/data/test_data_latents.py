@@ -1,7 +1,6 @@
 """`genforge cache-latents` and the latents dataset: a tiny AutoencoderKL saved by the test, a tiny
 image folder, shards that match direct encoding, a killed run that resumes, and clear errors."""
 
-import json
 
 import numpy as np
 import pytest
