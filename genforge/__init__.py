@@ -14,7 +14,9 @@ import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
 __version__ = "0.1.0"
 
 _LAZY = {"DiMRModel": "genforge.models.dimr", "DiMRPipeline": "genforge.pipelines.dimr",
-         "ClassConditionalPipeline": "genforge.pipelines.class_conditional"}
+         "ClassConditionalPipeline": "genforge.pipelines.class_conditional",
+         "ARFlowModel": "genforge.models.arflow", "ARFlowPipeline": "genforge.pipelines.arflow",
+         "SiTPipeline": "genforge.pipelines.arflow"}
 _SUBPACKAGES = ("backbones", "config", "core", "data", "distill", "kd", "methods", "metrics", "models",
                 "pipelines", "rewards", "train")
 _ALIASES = {"reno": "genforge.pipelines.reno"}

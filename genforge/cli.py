@@ -1,4 +1,5 @@
-"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``reno``, ``sample`` and ``eval``.
+"""The ``genforge`` command: ``train``, ``distill``, ``reinforce``, ``reno``, ``cache-latents``,
+``sample`` and ``eval``.
 
 - ``genforge train RECIPE [--resume]`` runs a recipe with the one Accelerate loop (the same
   as ``accelerate launch -m genforge.train RECIPE``);
@@ -12,6 +13,9 @@
   prompt (class label for a class-conditional pipeline) with reward models, ReNO (the same as
   ``python -m genforge.pipelines.reno_recipe``), writing the images, per-prompt rewards and an
   initial-vs-optimised PNG;
+- ``genforge cache-latents --vae DIR --images FOLDER --out DIR`` encodes an image folder once with
+  a local diffusers AutoencoderKL into resumable latent shards (the ``latents`` dataset reads
+  them; the same as ``python -m genforge.data.latents``);
 - ``genforge sample PIPELINE_DIR`` loads a saved pipeline of whichever genforge class its
   model_index.json names (a training run writes one to ``<output_dir>/pipeline``: a
   DiMRPipeline for DiMR, a ClassConditionalPipeline for the DiT and UNet baselines) and writes
@@ -92,6 +96,7 @@ FORWARDED = {
     "distill": ("genforge.distill.__main__", "distil a dataset from a recipe"),
     "reinforce": ("genforge.kd.reinforce.recipe", "build a reinforced dataset from a recipe"),
     "reno": ("genforge.pipelines.reno_recipe", "optimise each prompt's initial noise with reward models (ReNO)"),
+    "cache-latents": ("genforge.data.latents", "encode an image folder into latent shards with a local VAE"),
 }
 """Subcommands whose parser lives with their command (``python -m MODULE`` runs the same):
 ``genforge NAME ...`` calls that module's ``main(argv, prog="genforge NAME")``."""

@@ -19,6 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 TINY = [  # (README text, tiny setting): sizes and lengths only, never the calls
+    ("num_inference_steps=250", "num_inference_steps=2"),
     ('DiMRModel(**dimr_config("XL/2R"))', 'DiMRModel(**dimr_config("tiny"))'),
     ('load_official_dimr("nnet_ema.pth", "XL/2R")', 'load_official_dimr("nnet_ema.pth", "tiny")'),
     ("num_inference_steps=25", "num_inference_steps=2"),
@@ -46,7 +47,9 @@ def test_every_tiny_setting_is_still_in_the_readme():
 def workspace(tmp_path_factory):
     """What the README's examples assume exists, made tiny and random."""
     from genforge.config import recipe_from_dict
+    from genforge.models.arflow import ARFlowModel, arflow_config
     from genforge.models.dimr import DiMRModel, dimr_config
+    from genforge.pipelines.arflow import ARFlowPipeline
     from genforge.pipelines.dimr import DiMRPipeline
     from genforge.train import train
 
@@ -54,6 +57,7 @@ def workspace(tmp_path_factory):
     torch.manual_seed(0)
     DiMRPipeline(model=DiMRModel(**dimr_config("digits")),
                  scheduler=DPMSolverMultistepScheduler()).save_pretrained(root / "runs/dimr_digits/pipeline")
+    ARFlowPipeline(ARFlowModel(**arflow_config("digits"))).save_pretrained(root / "runs/arflow_digits/pipeline")
     keys = json.loads((FIXTURES / "dimr_official_keys.json").read_text())["tiny"]
     torch.save({"model": {k: torch.randn(s) for k, s in keys.items()}}, root / "nnet_ema.pth")
     revcol = json.loads((FIXTURES / "backbones" / "revcol_official_keys.json").read_text())["keys"]

@@ -31,6 +31,27 @@ Conventions shared by both backends:
 
 ``GENFORGE_ATTENTION=sdpa|xformers`` forces a backend; forcing xformers where it cannot run
 raises an error that says why.
+
+Chunk-causal hybrid attention (ARFlow, Hui et al., arXiv 2501.16085, Sec. 3.2; the official
+``GateRetention`` of TheFllood/ARFlow). A sequence of S chunks of N tokens (one chunk per image)
+attends with full softmax inside its own chunk and, across chunks, only through a gated,
+decayed linear-attention state. Per head, with k already scaled by ``scale`` and log-gates
+g <= 0 (one per token):
+
+    inner_i  = softmax(q_i k_i^T) v_i                          (bidirectional inside chunk i)
+    kv_m     = k_m^T v_m,   gamma_m = exp(mean_j g_{m,j})       (chunk state and chunk decay)
+    S_0      = carried state (or 0),   S_{m+1} = gamma_m S_m + kv_m
+    cross_ij = (q_ij * exp(sum_{j' <= j} g_{i,j'})) S_i         (strictly earlier chunks)
+    out_i    = inner_i + cross_i
+
+so a key in chunk m < i reaches query (i, j) with weight (q_ij . k_mk) exp(cumg_ij)
+prod_{l=m+1}^{i-1} gamma_l and no softmax denominator. :func:`chunk_linear_attention` is the
+cross term alone (gated linear attention over earlier chunks), :func:`chunk_hybrid_attention`
+the sum, in the chunk-parallel form for training: batched matmuls over all chunks and one
+scan over chunks for the states (the official code runs that scan as a Triton kernel; here it
+is S batched (d x d) updates in torch, any device). :func:`chunk_hybrid_attention_step` is the
+recurrent form for generation: one chunk per call, state in and out. All three compute in at
+least float32, as the official kernel does, and return the outputs in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -309,3 +330,119 @@ class MultiHeadAttention(nn.Module):
             out = attention(q, k, v, mask=mask, causal=causal)  # (B, H, N, D)
         out = rearrange(out, "b h n d -> b n (h d)").to(projection_dtype)
         return self.proj(out)
+
+
+def _check_chunked(q, k, v, log_gate, chunk_size, state) -> tuple[int, int]:
+    """(chunks, chunk size) of a chunked hybrid-attention call; ValueError naming what is wrong."""
+    _check_inputs(q, k, v, None)
+    b, h, n, d = q.shape
+    if k.shape[2] != n:
+        raise ValueError(f"chunked attention is self-attention: q has {n} tokens, k and v have {k.shape[2]}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if n % chunk_size != 0:
+        raise ValueError(f"sequence length {n} is not a multiple of chunk_size {chunk_size}")
+    if tuple(log_gate.shape) != (b, h, n):
+        raise ValueError(f"log_gate must have shape (B, H, L) = {(b, h, n)}, got {tuple(log_gate.shape)}")
+    if state is not None and tuple(state.shape) != (b, h, d, v.shape[-1]):
+        raise ValueError(f"state must have shape (B, H, D, Dv) = {(b, h, d, v.shape[-1])}, got {tuple(state.shape)}")
+    return n // chunk_size, chunk_size
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor,
+    chunk_size: int,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-chunk term: gated, decayed linear attention over strictly earlier chunks.
+
+    Args:
+        q, k, v: (B, H, L, D), (B, H, L, D), (B, H, L, Dv) with L = S * ``chunk_size``.
+        log_gate: (B, H, L) log-gates g (<= 0 in ARFlow: logsigmoid / 16).
+        chunk_size: tokens per chunk N.
+        state: (B, H, D, Dv) state carried in from before the first chunk (S_0), or None (0).
+        scale: multiplies k; defaults to D ** -0.5.
+
+    Returns:
+        (cross (B, H, L, Dv) in the inputs' dtype, the state after the last chunk S_S in float32
+        or wider): feeding that state to a call on the following chunks continues the sequence.
+    """
+    num_chunks, n = _check_chunked(q, k, v, log_gate, chunk_size, state)
+    dtype = _compute_dtype(q)
+    b, h, length, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    qc = q.to(dtype).reshape(b, h, num_chunks, n, d)
+    kc = (k.to(dtype) * scale).reshape(b, h, num_chunks, n, d)
+    vc = v.to(dtype).reshape(b, h, num_chunks, n, v.shape[-1])
+    g = log_gate.to(dtype).reshape(b, h, num_chunks, n)
+    kv = kc.transpose(-1, -2) @ vc  # (B, H, S, D, Dv): one batched matmul for every chunk
+    decay = g.mean(-1).exp()[..., None, None]  # (B, H, S, 1, 1): gamma_m
+    current = q.new_zeros(b, h, d, v.shape[-1], dtype=dtype) if state is None else state.to(dtype)
+    states = []
+    for m in range(num_chunks):  # the scan over chunks: S_{m+1} = gamma_m S_m + kv_m
+        states.append(current)
+        current = decay[:, :, m] * current + kv[:, :, m]
+    cross = (qc * g.cumsum(-1).exp()[..., None]) @ torch.stack(states, dim=2)  # (B, H, S, N, Dv)
+    return cross.reshape(b, h, length, v.shape[-1]).to(q.dtype), current
+
+
+def chunk_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor,
+    chunk_size: int,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-causal hybrid attention, chunk-parallel form: softmax inside each chunk plus
+    :func:`chunk_linear_attention` across chunks. Same arguments and returns as that function.
+
+    The softmax part is :func:`attention` on the chunks as extra heads, so it runs on SDPA's
+    (or xformers') fused kernels; no (L x L) matrix is formed.
+    """
+    num_chunks, n = _check_chunked(q, k, v, log_gate, chunk_size, state)
+    cross, last = chunk_linear_attention(q, k, v, log_gate, chunk_size, state=state, scale=scale)
+    b, h, length, d = q.shape
+    dtype = _compute_dtype(q)
+    qc, kc, vc = (t.to(dtype).reshape(b, h * num_chunks, n, t.shape[-1]) for t in (q, k, v))
+    inner = attention(qc, kc, vc, scale=d**-0.5 if scale is None else scale)
+    return (inner.reshape(b, h, length, v.shape[-1]) + cross.to(dtype)).to(q.dtype), last
+
+
+def chunk_hybrid_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-causal hybrid attention, recurrent form: one chunk (all L tokens of q) per call.
+
+    out = softmax(q k^T) v + (q * exp(cumsum g)) S_in;  S_out = exp(mean g) S_in + k^T v.
+    Called chunk after chunk with the returned state, it reproduces
+    :func:`chunk_hybrid_attention` on the whole sequence. Arguments as there, one chunk long.
+    """
+    _check_chunked(q, k, v, log_gate, q.shape[-2], state)
+    dtype = _compute_dtype(q)
+    d = q.shape[-1]
+    q32, v32, g = q.to(dtype), v.to(dtype), log_gate.to(dtype)
+    k32 = k.to(dtype) * (d**-0.5 if scale is None else scale)
+    inner = attention(q32, k32, v32, scale=1.0)
+    if state is None:
+        return inner.to(q.dtype), k32.transpose(-1, -2) @ v32
+    state = state.to(dtype)
+    out = inner + (q32 * g.cumsum(-1).exp()[..., None]) @ state
+    return out.to(q.dtype), g.mean(-1).exp()[..., None, None] * state + k32.transpose(-1, -2) @ v32

@@ -1,4 +1,5 @@
-"""Datasets for genforge: the bundled digits and MNIST-5k, image folders and CIFAR-format files.
+"""Datasets for genforge: the bundled digits and MNIST-5k, image folders, CIFAR-format files and
+latent caches (``latents``: VAE latents written by ``genforge cache-latents``).
 
 Every dataset yields ``(image, label)`` with ``image`` a float32 ``(C, H, W)`` tensor in
 ``[-1, 1]`` and ``label`` an int, and carries ``.num_classes``, ``.channels`` and
@@ -16,11 +17,12 @@ from torch.utils.data import Dataset
 from genforge.data.cifar import CIFARDataset, RestrictedUnpickler, safe_load_pickle
 from genforge.data.digits import DigitsDataset
 from genforge.data.folder import ImageFolderDataset
+from genforge.data.latents import LatentsDataset
 from genforge.data.mnist5k import MNIST5kDataset
 from genforge.data.transforms import check_resize_mode
 
 __all__ = [
-    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "MNIST5kDataset", "RestrictedUnpickler",
+    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "LatentsDataset", "MNIST5kDataset", "RestrictedUnpickler",
     "build_dataset", "check_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
 ]
 
@@ -98,6 +100,21 @@ def _build_image_folder(*, split, root, image_size, resize, channels):
     return ImageFolderDataset(root, image_size=image_size, channels=channels or 3)
 
 
+def _build_latents(*, split, root, image_size, resize, channels):
+    root = _need_root("latents", root)
+    if split != "train":
+        raise ValueError(f"dataset 'latents' has no splits (got split={split!r}); point root at the cache of "
+                         "the split you want")
+    dataset = LatentsDataset(root)
+    if image_size is not None and image_size != dataset.image_size:
+        raise ValueError(f"dataset 'latents' at {root} holds {dataset.image_size}x{dataset.image_size} latents; "
+                         f"data.image_size must be {dataset.image_size}, got {image_size}")
+    if channels is not None and channels != dataset.channels:
+        raise ValueError(f"dataset 'latents' at {root} holds {dataset.channels}-channel latents, got "
+                         f"channels={channels}")
+    return dataset
+
+
 def _cifar_builder(num_classes: int) -> DatasetBuilder:
     def build(*, split, root, image_size, resize, channels):
         root = _need_root(f"cifar{num_classes}", root)
@@ -109,5 +126,6 @@ def _cifar_builder(num_classes: int) -> DatasetBuilder:
 register_dataset("digits", _build_digits)
 register_dataset("mnist5k", _build_mnist5k)
 register_dataset("image_folder", _build_image_folder)
+register_dataset("latents", _build_latents)
 register_dataset("cifar10", _cifar_builder(10))
 register_dataset("cifar100", _cifar_builder(100))

@@ -62,6 +62,22 @@ UNET_CONFIGS = {
 The DiT configs are :data:`genforge.models.dit.DIT_CONFIGS`."""
 
 
+def check_network_section(model_cfg: dict, named_configs: dict, model_class: type, source: str) -> None:
+    """ConfigError unless ``model.config`` names one of ``named_configs``, ``model.args`` is a mapping
+    of ``model_class``'s constructor arguments and ``model.class_dropout`` lies in [0, 1)."""
+    name = model_cfg.get("config", MODEL_DEFAULTS["config"])
+    if name not in named_configs:
+        raise ConfigError(f"{source}: model.config {name!r} is not one of {sorted(named_configs)}")
+    args = model_cfg.get("args", MODEL_DEFAULTS["args"])
+    if not isinstance(args, dict):
+        raise ConfigError(f"{source}: model.args must be a mapping, got {type(args).__name__}")
+    accepted = [p for p in inspect.signature(model_class.__init__).parameters if p != "self"]
+    check_known_keys(args, accepted, "model.args", source)
+    dropout = model_cfg.get("class_dropout", MODEL_DEFAULTS["class_dropout"])
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"{source}: model.class_dropout must be in [0, 1), got {dropout!r}")
+
+
 class ClassConditionalDiffusion(Method):
     """DDPM epsilon-prediction training of a class-conditional network (one of the variants)."""
 
@@ -84,20 +100,10 @@ class ClassConditionalDiffusion(Method):
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(MODEL_KEYS), "model", self._source())
-        name = model_cfg.get("config", MODEL_DEFAULTS["config"])
-        if name not in self.named_configs:
-            raise ConfigError(f"{self._source()}: model.config {name!r} is not one of {sorted(self.named_configs)}")
-        args = model_cfg.get("args", MODEL_DEFAULTS["args"])
-        if not isinstance(args, dict):
-            raise ConfigError(f"{self._source()}: model.args must be a mapping, got {type(args).__name__}")
-        accepted = [p for p in inspect.signature(self.model_class.__init__).parameters if p != "self"]
-        check_known_keys(args, accepted, "model.args", self._source())
+        check_network_section(model_cfg, self.named_configs, self.model_class, self._source())
         schedule = model_cfg.get("beta_schedule", self.default_schedule)
         if schedule not in SCHEDULES:
             raise ConfigError(f"{self._source()}: model.beta_schedule {schedule!r} is not one of {list(SCHEDULES)}")
-        dropout = model_cfg.get("class_dropout", MODEL_DEFAULTS["class_dropout"])
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ConfigError(f"{self._source()}: model.class_dropout must be in [0, 1), got {dropout!r}")
 
     def _noise_scheduler(self) -> DDPMScheduler:
         schedule = self.options["beta_schedule"]

@@ -79,12 +79,18 @@ def generate(pipe: ClassConditionalPipeline, labels: torch.Tensor, *, steps: int
 def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_dir: Path,
                                pipeline_class: type[ClassConditionalPipeline]) -> dict:
     """Save the ``pipeline_class`` pipeline, a per-class grid, class-balanced samples and their metrics."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     pipe = pipeline_class(model=model, scheduler=sampling_scheduler(recipe.sample.scheduler, noise_scheduler.config))
+    return evaluate_pipeline(pipe, recipe, output_dir)
+
+
+def evaluate_pipeline(pipe, recipe: Recipe, output_dir: Path) -> dict:
+    """Save ``pipe`` to ``output_dir/pipeline``, then write its per-class grid, class-balanced samples
+    (samples.npz) and their metrics (sample_metrics.json); any pipeline called as ``generate`` does."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(output_dir / "pipeline")
-    num_classes = null_class_of(model)
+    num_classes = null_class_of(pipe.model)
     sample = recipe.sample
     grid_labels = torch.arange(num_classes).repeat_interleave(sample.num_per_class)
     grid = generate(pipe, grid_labels, steps=sample.steps, guidance_scale=sample.guidance_scale,

@@ -1,8 +1,9 @@
 """Samplers: diffusers DiffusionPipeline subclasses, and loading a saved one by its class name.
 
 A training run saves the pipeline that fits its network to ``<output_dir>/pipeline``:
-:class:`DiMRPipeline` for DiMR, :class:`ClassConditionalPipeline` for any other
-class-conditional denoiser (the DiT and UNet2DModel baselines). ``model_index.json`` names the
+:class:`DiMRPipeline` for DiMR, :class:`ARFlowPipeline` for ARFlow, :class:`SiTPipeline` for
+its SiT baseline, :class:`ClassConditionalPipeline` for any other class-conditional denoiser
+(the DiT and UNet2DModel baselines). ``model_index.json`` names the
 class, and :func:`load_saved_pipeline` loads it through :data:`PIPELINES`, the explicit map of
 the pipeline classes genforge knows.
 """
@@ -13,13 +14,15 @@ from pathlib import Path
 from diffusers.utils import logging as diffusers_logging
 
 from genforge.core.errors import one_line
+from genforge.pipelines.arflow import ARFlowPipeline, SiTPipeline
 from genforge.pipelines.class_conditional import ClassConditionalPipeline
 from genforge.pipelines.dimr import DiMRPipeline
 
-__all__ = ["PIPELINES", "ClassConditionalPipeline", "DiMRPipeline", "check_pipeline_directory",
-           "load_saved_pipeline"]
+__all__ = ["PIPELINES", "ARFlowPipeline", "ClassConditionalPipeline", "DiMRPipeline", "SiTPipeline",
+           "check_pipeline_directory", "load_saved_pipeline"]
 
-PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (DiMRPipeline, ClassConditionalPipeline)}
+PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (DiMRPipeline, ClassConditionalPipeline, ARFlowPipeline,
+                                                             SiTPipeline)}
 """The genforge pipeline classes, by the ``_class_name`` a saved ``model_index.json`` records."""
 
 

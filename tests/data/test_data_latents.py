@@ -1,0 +1,136 @@
+"""`genforge cache-latents` and the latents dataset: a tiny AutoencoderKL saved by the test, a tiny
+image folder, shards that match direct encoding, a killed run that resumes, and clear errors."""
+
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+import genforge.data.latents as latents_mod
+from genforge.cli import main as cli_main
+from genforge.data import build_dataset
+from genforge.data.folder import ImageFolderDataset
+from genforge.data.latents import LatentsDataset, cache_latents
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16, scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "emu"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def shards(out):
+    return {p.name: load_file(p) for p in sorted(out.glob("shard_*.safetensors"))}
+
+
+def test_cli_caches_posteriors_of_images_and_flips_with_labels(vae_dir, images_dir, tmp_path, capsys):
+    out = tmp_path / "cache"
+    status = cli_main(["cache-latents", "--vae", str(vae_dir), "--images", str(images_dir), "--out", str(out),
+                       "--image-size", "16", "--shard-size", "4", "--batch-size", "3"])
+    assert status == 0 and "wrote" in capsys.readouterr().out
+    assert sorted(shards(out)) == ["shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
+    folder = ImageFolderDataset(images_dir, image_size=16)
+    x = torch.stack([folder[i][0] for i in range(9)])
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        expected, expected_flip = (vae.encode(v).latent_dist.parameters for v in (x, x.flip(-1)))
+    stored = shards(out)
+    cat = lambda name: torch.cat([s[name] for s in stored.values()])  # noqa: E731
+    torch.testing.assert_close(cat("moments").float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cat("moments_flip").float(), expected_flip, atol=2e-3, rtol=2e-3)
+    assert cat("labels").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+    data = build_dataset("latents", root=str(out), image_size=8)
+    assert (len(data), data.channels, data.image_size, data.num_classes) == (9, 4, 8, 3)
+    with torch.no_grad():
+        posterior, posterior_flip = (vae.encode(v[4:5]).latent_dist for v in (x, x.flip(-1)))
+    for seed in range(6):  # z = scaling_factor * (mean + std * eps) of the image or its flip, 1/2 each
+        torch.manual_seed(seed)
+        flip = bool(torch.rand(()) < 0.5)
+        eps = torch.randn(4, 8, 8)
+        chosen = posterior_flip if flip else posterior
+        torch.manual_seed(seed)
+        torch.testing.assert_close(data[4][0], 0.5 * (chosen.mean[0] + chosen.std[0] * eps), atol=5e-3, rtol=5e-3)
+    assert data[4][1] == 1
+
+
+def test_a_killed_run_resumes_and_gives_the_uninterrupted_cache(vae_dir, images_dir, tmp_path, monkeypatch):
+    whole = cache_latents(vae_dir, images_dir, tmp_path / "whole", image_size=16, shard_size=2, progress=False)
+    real_save, saved = latents_mod.save_file, []
+
+    def killed_on_third_shard(tensors, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # the process dies while the third shard is being written
+        saved.append(path)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(latents_mod, "save_file", killed_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_latents(vae_dir, images_dir, tmp_path / "resumed", image_size=16, shard_size=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [
+        "latents.json", "shard_00000.safetensors", "shard_00001.safetensors"]  # no partial file left
+    with pytest.raises(FileNotFoundError, match="incomplete: 3 of 5 shards missing"):
+        LatentsDataset(tmp_path / "resumed")
+    monkeypatch.setattr(latents_mod, "save_file", real_save)
+    encoded = []
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, _e=AutoencoderKL.encode: encoded.append(len(x))
+                        or _e(self, x))
+    cache_latents(vae_dir, images_dir, tmp_path / "resumed", image_size=16, shard_size=2, progress=False)
+    assert sum(encoded) == 2 * 5  # only the 5 images of the 3 missing shards, each with its flip
+    a, b = shards(whole), shards(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], atol=0, rtol=0)
+
+
+def test_resuming_with_other_settings_is_refused(vae_dir, images_dir, tmp_path):
+    cache_latents(vae_dir, images_dir, tmp_path / "c", image_size=16, shard_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(image_size differ"):
+        cache_latents(vae_dir, images_dir, tmp_path / "c", image_size=32, shard_size=4, progress=False)
+
+
+def test_a_directory_that_is_not_an_autoencoder_kl_is_refused_before_any_work(images_dir, tmp_path, capsys):
+    UNet2DModel(block_out_channels=(8, 8), norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ValueError, match="describes a 'UNet2DModel', not an 'AutoencoderKL'"):
+        cache_latents(tmp_path / "unet", images_dir, tmp_path / "out")
+    status = cli_main(["cache-latents", "--vae", str(tmp_path), "--images", str(images_dir), "--out",
+                       str(tmp_path / "out")])
+    assert status == 2 and "not a diffusers AutoencoderKL directory (no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_imagenet_latents_recipe_shape_trains_arflow_on_a_cache(vae_dir, images_dir, tmp_path):
+    from genforge.config import load_recipe, recipe_to_dict, recipe_from_dict
+    from genforge.pipelines import ARFlowPipeline, load_saved_pipeline
+    from genforge.train import train
+
+    cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
+    spec = recipe_to_dict(load_recipe("recipes/arflow/imagenet_latents.yaml"))
+    spec.update(output_dir=str(tmp_path / "run"))
+    spec["data"].update(root=str(cache), image_size=8, batch_size=2, num_workers=0)
+    spec["model"].update(config="tiny", sequence_length=3)
+    spec["train"].update(max_steps=2, mixed_precision="no", checkpoint_every=2)
+    result = train(recipe_from_dict(spec))
+    assert result.steps == 2 and result.final_loss > 0
+    assert isinstance(load_saved_pipeline(tmp_path / "run" / "pipeline"), ARFlowPipeline)
