@@ -45,6 +45,7 @@ from genforge.core.attention import attention
 
 LABEL_SMOOTHING = 0.1
 GUIDANCE_RAMPS = ("linear", "constant")
+MASK_SCHEDULES = ("cosine", "linear")
 
 
 def check_token_ids(ids: torch.Tensor, codebook_size: int, num_tokens: int, *, allow_mask: bool = True) -> None:
@@ -245,9 +246,13 @@ def random_masking(tokens: torch.Tensor, mask_id: int, beta: tuple[float, float]
     return torch.where(order < count, torch.full_like(tokens, mask_id), tokens)
 
 
-def masked_count(step: int, steps: int, num_tokens: int) -> int:
-    """Tokens still masked after step s of T: floor(L cos(pi/2 (s+1)/T)) (cosine schedule)."""
-    return math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / steps))
+def masked_count(step: int, steps: int, num_tokens: int, schedule: str = "cosine") -> int:
+    """Tokens still masked after step s of T: floor(L cos(pi/2 (s+1)/T)) (the official cosine
+    schedule) or floor(L (1 - (s+1)/T)) (``linear``)."""
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"masking schedule must be one of {MASK_SCHEDULES}; got {schedule!r}")
+    ratio = (step + 1) / steps
+    return math.floor(num_tokens * (math.cos(math.pi / 2 * ratio) if schedule == "cosine" else 1 - ratio))
 
 
 def guidance_weight(step: int, steps: int, scale: float, ramp: str) -> float:
@@ -266,12 +271,14 @@ def check_decoding(steps: int, mask_temp: float, samp_temp: float, guidance_scal
 
 
 def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u), u ~ U(0, 1), drawn from ``generator``."""
     u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
-    return -torch.log(-torch.log(u).clamp_min(1e-20))
+    return -torch.log((-torch.log(u)).clamp_min(1e-20))
 
 
 def decode_step(ids: torch.Tensor, logits: torch.Tensor, step: int, steps: int, mask_id: int, mask_temp: float,
-                samp_temp: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                samp_temp: float, generator: torch.Generator | None, schedule: str = "cosine"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MaskGIT step from guided logits (B, L, K): sample masked positions, re-mask the least
     confident. Returns (new ids with [MASK] where re-masked, sampled ids with none)."""
     ratio = (step + 1) / steps
@@ -285,7 +292,7 @@ def decode_step(ids: torch.Tensor, logits: torch.Tensor, step: int, steps: int, 
     confidence = torch.where(is_mask, chosen, torch.full_like(chosen, math.inf))
     confidence = confidence + tau_m * gumbel(confidence.shape, generator, confidence.device)
     remask = torch.zeros_like(is_mask)
-    order = confidence.argsort(dim=-1)[:, : masked_count(step, steps, ids.shape[1])]
+    order = confidence.argsort(dim=-1)[:, : masked_count(step, steps, ids.shape[1], schedule)]
     remask.scatter_(1, order, True)
     return torch.where(remask, torch.full_like(ids, mask_id), sampled), sampled
 
@@ -293,7 +300,7 @@ def decode_step(ids: torch.Tensor, logits: torch.Tensor, step: int, steps: int, 
 def iterative_decode(predict: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor | None]],
                      batch: int, num_tokens: int, mask_id: int, *, steps: int = 8, guidance_scale: float = 0.0,
                      guidance_ramp: str = "linear", mask_temp: float = 1.5, samp_temp: float = 6.0,
-                     generator: torch.Generator | None = None, device="cpu",
+                     generator: torch.Generator | None = None, schedule: str = "cosine", device="cpu",
                      callback: Callable[[int, torch.Tensor, float], None] | None = None) -> torch.Tensor:
     """T steps of MaskGIT decoding from all-[MASK] (official ``NATSchedule.generate``); returns (B, L) ids.
 
@@ -302,13 +309,15 @@ def iterative_decode(predict: Callable[[torch.Tensor, int, bool], tuple[torch.Te
     guidance; diffusers' scale is 1 + w). ``callback(step, ids, w_s)`` sees the ids after each step.
     """
     check_decoding(steps, mask_temp, samp_temp, guidance_scale)
+    masked_count(0, steps, num_tokens, schedule)  # checks the schedule's name before any work
+    guidance_weight(0, steps, guidance_scale, guidance_ramp)  # and the ramp's
     ids = torch.full((batch, num_tokens), mask_id, dtype=torch.long, device=device)
     sampled = ids
     for step in range(steps):
         weight = guidance_weight(step, steps, guidance_scale, guidance_ramp)
         cond, uncond = predict(ids, step, guidance_scale > 0)
         logits = cond if uncond is None else cond + weight * (cond - uncond)
-        ids, sampled = decode_step(ids, logits, step, steps, mask_id, mask_temp, samp_temp, generator)
+        ids, sampled = decode_step(ids, logits, step, steps, mask_id, mask_temp, samp_temp, generator, schedule)
         if callback is not None:
             callback(step, ids, weight)
     return sampled
