@@ -192,7 +192,7 @@ def enat_training_loss(model: ENATModel, ema_model: ENATModel | None, tokens: to
     model (no grad; the online model if ``ema_model`` is None) encodes that input, and its
     :class:`ReuseCache` conditions the online model. Loss: masked-token CE with smoothing 0.1.
     """
-    mask_id = model.config.codebook_size
+    mask_id = getattr(model, "module", model).config.codebook_size  # DDP-wrapped or not
     ids = random_masking(tokens, mask_id, beta)
     masked = ids == mask_id
     cache = None

@@ -15,11 +15,14 @@ from diffusers.utils import logging as diffusers_logging
 from genforge.core.errors import one_line
 from genforge.pipelines.class_conditional import ClassConditionalPipeline
 from genforge.pipelines.dimr import DiMRPipeline
+from genforge.pipelines.enat import AmusedClassPipeline, ENATPipeline, MaskGITPipeline
 
-__all__ = ["PIPELINES", "ClassConditionalPipeline", "DiMRPipeline", "check_pipeline_directory",
+__all__ = ["PIPELINES", "AmusedClassPipeline", "ClassConditionalPipeline", "DiMRPipeline", "ENATPipeline",
+           "MaskGITPipeline", "check_pipeline_directory",
            "load_saved_pipeline"]
 
-PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (DiMRPipeline, ClassConditionalPipeline)}
+PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (DiMRPipeline, ClassConditionalPipeline, ENATPipeline,
+                                                         MaskGITPipeline, AmusedClassPipeline)}
 """The genforge pipeline classes, by the ``_class_name`` a saved ``model_index.json`` records."""
 
 
