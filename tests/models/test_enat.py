@@ -13,6 +13,7 @@ from genforge.core.state_dict import StateDictError
 from genforge.models.enat import (ENATModel, ReuseCache, convert_official_state_dict, enat_training_loss,
                                   load_official_enat, official_to_genforge_key)
 from genforge.models.maskgit import MaskGITModel, iterative_decode, masked_token_loss, random_masking
+from genforge.models.maskgit_vqgan import MaskGITVQGAN, load_official_vqgan
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 REFERENCE = json.loads((FIXTURES / "enat_official_reference.json").read_text())
@@ -292,3 +293,44 @@ def test_bad_input_gives_clear_errors():
         iterative_decode(enat_predictor(model, labels, True), 2, L, MASK, steps=0)
     with pytest.raises(ValueError, match="class labels"):
         model(ids, torch.tensor([0, 11]))
+
+
+VQGAN_REFERENCE = json.loads((FIXTURES / "maskgit_vqgan_official_reference.json").read_text())
+
+
+def tiny_vqgan() -> MaskGITVQGAN:
+    torch.manual_seed(0)
+    model = MaskGITVQGAN(**VQGAN_REFERENCE["config"]).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_maskgit_vqgan_tokenizes_and_decodes_as_the_official_one():
+    model = tiny_vqgan()
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ids = model.encode(images)
+        decoded = model.decode(ids, 8, 8)
+    assert ids.tolist() == VQGAN_REFERENCE["ids"]
+    torch.testing.assert_close(decoded.flatten(), torch.tensor(VQGAN_REFERENCE["decoded"]), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"code ids must lie in \[0, 63\]"):
+        model.decode(ids + 64, 8, 8)
+
+
+def test_official_vqgan_layout_is_ours_and_loads_strictly(tmp_path):
+    official = json.loads((FIXTURES / "maskgit_vqgan_official_keys.json").read_text())["keys"]
+    with torch.device("meta"):
+        ours = MaskGITVQGAN()  # vq-f16-jax.yaml
+    assert {k: list(v.shape) for k, v in ours.state_dict().items()} == official
+    model = tiny_vqgan()
+    state = dict(model.state_dict())
+    save_file(state, tmp_path / "vq.safetensors")
+    loaded = load_official_vqgan(tmp_path / "vq.safetensors", **VQGAN_REFERENCE["config"])
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    del state["decoder.up.1.upsample.conv.bias"]
+    save_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(StateDictError, match="decoder.up.1.upsample.conv.bias"):
+        load_official_vqgan(tmp_path / "broken.safetensors", **VQGAN_REFERENCE["config"])
