@@ -20,12 +20,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from genforge.models.maskgit import LabelEmbedding, NATOutput, check_labels, check_token_ids
+from genforge.models.maskgit import LabelEmbedding, NATOutput, TokenNetwork, check_labels, check_token_ids
 
 MICRO_CONDITIONS = 5
 
 
-class AmusedClassModel(ModelMixin, ConfigMixin):
+class AmusedClassModel(TokenNetwork, ModelMixin, ConfigMixin):
     """``UVit2DModel`` with class tables in place of its text encoder; forward as the NAT models:
     ids (B, L) in [0, K] (K = [MASK]), labels (B,) -> logits (B, L, K)."""
 
@@ -49,10 +49,6 @@ class AmusedClassModel(ModelMixin, ConfigMixin):
         self.context_embed = LabelEmbedding(num_classes, cond_dim, 0.0)
         self.pooled_embed = LabelEmbedding(num_classes, cond_dim, 0.0)
         self.class_dropout = class_dropout
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
 
     def forward(self, ids: torch.Tensor, class_labels: torch.Tensor) -> NATOutput:
         config = self.config

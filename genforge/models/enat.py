@@ -47,8 +47,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from genforge.core.state_dict import load_state_dict_strict, read_state_dict
-from genforge.models.maskgit import (AdaLNBlock, LabelEmbedding, MlmHead, Mlp, TokenEmbedding, check_labels,
-                                     check_token_ids, init_adaln_zero, masked_token_loss, random_masking)
+from genforge.models.maskgit import (AdaLNBlock, LabelEmbedding, MlmHead, Mlp, TokenEmbedding, TokenNetwork,
+                                     check_labels, check_token_ids, init_adaln_zero, masked_token_loss,
+                                     random_masking)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def equal_count(masked: torch.Tensor, what: str) -> int:
     return int(counts[0]) if counts.numel() else 0
 
 
-class ENATModel(ModelMixin, ConfigMixin):
+class ENATModel(TokenNetwork, ModelMixin, ConfigMixin):
     """ENAT's disentangled network; ENAT-L is ``width=1024, encoder_depth=22, decoder_depth=2,
     num_heads=16`` with ``num_tokens=256`` (256 px) or 1024 (512 px)."""
 
@@ -118,14 +119,6 @@ class ENATModel(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(width)
         self.head = MlmHead(width, codebook_size + 1)
         init_adaln_zero(self, [*self.encoder_blocks, *self.decoder_blocks])
-
-    @property
-    def mask_id(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder over the gathered visible tokens x (B, n, D); ``context``: projected previous features."""

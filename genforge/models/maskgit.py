@@ -193,7 +193,20 @@ class NATOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class MaskGITModel(ModelMixin, ConfigMixin):
+class TokenNetwork:
+    """``mask_id`` (= K) and ``null_class`` of a token network whose config has ``codebook_size`` and
+    ``num_classes`` (the NAT baseline, ENAT, the aMUSEd wrapper)."""
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+
+class MaskGITModel(TokenNetwork, ModelMixin, ConfigMixin):
     """The NAT baseline: every token, [MASK] included, through every block."""
 
     @register_to_config
@@ -207,14 +220,6 @@ class MaskGITModel(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(width)
         self.head = MlmHead(width, codebook_size + 1)
         init_adaln_zero(self, self.blocks)
-
-    @property
-    def mask_id(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
 
     def forward(self, ids: torch.Tensor, class_labels: torch.Tensor) -> NATOutput:
         """ids (B, L) in [0, K] (K = [MASK]), class_labels (B,) -> logits (B, L, K)."""
