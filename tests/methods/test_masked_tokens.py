@@ -2,13 +2,14 @@
 shards, then ENAT trained on them; and the pipelines that sample the token generators."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AmusedScheduler, VQModel
 
-from genforge.config import ConfigError, recipe_from_dict
+from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import build_dataset
 from genforge.data.tokens import TokenShards, write_token_shards
 from genforge.methods.masked_tokens import decode_ids, encode_to_ids
@@ -169,3 +170,10 @@ def test_amused_peer_samples_with_diffusers_scheduler_to_a_full_grid():
                                callback=lambda s, x, w: counts.append((x == 32).sum(1).tolist()))
     assert counts[-1] == [0, 0] and ids.max() < 32
     assert all(a >= b for a, b in zip([c[0] for c in counts], [c[0] for c in counts[1:]]))
+
+
+@pytest.mark.parametrize("name", ["vq_digits", "digits", "maskgit_digits", "amused_digits"])
+def test_shipped_token_recipes_load_and_validate(name):
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "enat" / f"{name}.yaml")
+    assert recipe.method == {"vq_digits": "vq_tokenizer", "digits": "enat", "maskgit_digits": "maskgit",
+                             "amused_digits": "amused"}[name]
