@@ -249,4 +249,5 @@ class AmusedMethod(TokenGeneratorMethod):
 
     def pipeline(self, model):
         vq = VQModel.from_pretrained(self.tokenizer_dir() / "tokenizer").eval()
-        return AmusedClassPipeline(model=model, vqvae=vq, scheduler=AmusedScheduler(mask_token_id=model.config.codebook_size))
+        scheduler = AmusedScheduler(mask_token_id=model.config.codebook_size)
+        return AmusedClassPipeline(model=model, vqvae=vq, scheduler=scheduler)

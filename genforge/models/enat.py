@@ -160,7 +160,8 @@ class ENATModel(TokenNetwork, ModelMixin, ConfigMixin):
                            cache: ReuseCache) -> torch.Tensor:
         """Encode only Delta (visible now, masked before) against the projected previous features."""
         if cache.masked.shape != masked.shape or cache.feat.shape != x.shape:
-            raise ValueError(f"reuse cache of shapes feat {tuple(cache.feat.shape)}, masked {tuple(cache.masked.shape)} "
+            raise ValueError(f"reuse cache of shapes feat {tuple(cache.feat.shape)}, masked "
+                             f"{tuple(cache.masked.shape)} "
                              f"does not fit this step's input {tuple(masked.shape)}")
         if bool((masked & ~cache.masked).any()):
             raise ValueError("the masked set must be a subset of the previous step's masked set (a revealed token "

@@ -42,7 +42,8 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = _norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.nin_shortcut = nn.Conv2d(out_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+        changes_width = in_channels != out_channels
+        self.nin_shortcut = nn.Conv2d(out_channels, out_channels, 1, bias=False) if changes_width else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -151,7 +152,8 @@ class MaskGITVQGAN(ModelMixin, ConfigMixin):
         if ids.ndim != 2 or ids.shape[1] != height * width:
             raise ValueError(f"ids must be (B, {height * width}) for a {height}x{width} grid; got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.n_embed):
-            raise ValueError(f"code ids must lie in [0, {self.config.n_embed - 1}]; got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(f"code ids must lie in [0, {self.config.n_embed - 1}]; "
+                             f"got [{int(ids.min())}, {int(ids.max())}]")
         z = rearrange(self.quantize.embedding(ids), "b (h w) c -> b c h w", h=height, w=width)
         return self.decoder(z)
 

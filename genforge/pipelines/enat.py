@@ -1,10 +1,11 @@
-"""Class-conditional sampling of masked-token generators: ENAT and its MaskGIT baseline.
+"""Class-conditional sampling of masked-token generators: ENAT, its MaskGIT baseline, the aMUSEd peer.
 
 Both pipelines compose a token network and a diffusers ``VQModel`` tokenizer (with
 ``lookup_from_codebook=True``, so codes decode directly) and run the official ENAT decoding
 loop (``NATSchedule.generate``, :func:`genforge.models.maskgit.iterative_decode`): T steps from
-all-[MASK], the masking schedule (``schedule="cosine"``, official, or ``"linear"``), sampling temperature ``samp_temp`` and Gumbel
-re-masking temperature ``mask_temp``, both annealed by (1 - (s+1)/T).
+all-[MASK], the masking schedule (``schedule="cosine"``, official, or ``"linear"``), sampling
+temperature ``samp_temp`` and Gumbel re-masking temperature ``mask_temp``, both annealed by
+(1 - (s+1)/T).
 
 Classifier-free guidance uses the official convention l = l_c + w_s (l_c - l_u) with
 w_s = (s/T) ``guidance_scale`` (``guidance_ramp="linear"``, official; 0 on the first step) or
@@ -13,7 +14,8 @@ scale is 1 + w). Official defaults at 256 px: 8 steps, w = 2.5, mask_temp 1.5, s
 
 :class:`ENATPipeline` runs the conditional and the null-class pass separately, each with its own
 :class:`~genforge.models.enat.ReuseCache` (``reuse=True``: only newly revealed tokens are
-encoded each step; ``reuse=False``: every step encodes all visible tokens).
+encoded each step; set ``pipe.reuse = False`` to encode every visible token at every step).
+:class:`AmusedClassPipeline` samples the aMUSEd peer with diffusers' ``AmusedScheduler``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class MaskedTokenPipeline(DiffusionPipeline):
     @torch.no_grad()
     def generate_tokens(self, class_labels, num_inference_steps: int = 8, guidance_scale: float = 0.0,
                         guidance_ramp: str = "linear", mask_temp: float = 1.5, samp_temp: float = 6.0,
-                        generator: torch.Generator | None = None, schedule: str = "cosine", callback=None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, schedule: str = "cosine",
+                        callback=None) -> torch.Tensor:
         """(B, L) code ids for ``class_labels`` (B,), by the official ENAT loop (module docstring)."""
         labels, config = self.check_labels(class_labels), self.model.config
         return iterative_decode(self.predictor(labels), labels.shape[0], config.num_tokens, config.codebook_size,
