@@ -154,7 +154,7 @@ class LinearPathMethod(Method):
         if self.recipe.data.name == "latents":  # samples are latents: no grid or FID without the VAE
             pipe.save_pretrained(Path(output_dir) / "pipeline")
             return {}
-        return evaluate_pipeline(pipe, self.recipe, Path(output_dir))
+        return evaluate_pipeline(pipe, null_class_of(ema_model), self.recipe, Path(output_dir))
 
 
 @register_method("arflow")

@@ -30,6 +30,7 @@ Samplers (``sample.scheduler`` in a recipe), all diffusers schedulers on the tra
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -81,23 +82,23 @@ def evaluate_class_conditional(model, noise_scheduler, recipe: Recipe, output_di
     """Save the ``pipeline_class`` pipeline, a per-class grid, class-balanced samples and their metrics."""
     model.eval()
     pipe = pipeline_class(model=model, scheduler=sampling_scheduler(recipe.sample.scheduler, noise_scheduler.config))
-    return evaluate_pipeline(pipe, recipe, output_dir)
+    return evaluate_pipeline(pipe, null_class_of(model), recipe, output_dir)
 
 
-def evaluate_pipeline(pipe, recipe: Recipe, output_dir: Path) -> dict:
-    """Save ``pipe`` to ``output_dir/pipeline``, then write its per-class grid, class-balanced samples
-    (samples.npz) and their metrics (sample_metrics.json); any pipeline called as ``generate`` does."""
+def evaluate_pipeline(pipe, num_classes: int, recipe: Recipe, output_dir: Path, **sampling) -> dict:
+    """Save ``pipe`` to ``<output_dir>/pipeline``, then sample a per-class grid (samples_grid.png) and
+    class-balanced samples (samples.npz) with ``sampling`` as extra pipeline arguments, and score them."""
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(output_dir / "pipeline")
-    num_classes = null_class_of(pipe.model)
+    sampler = functools.partial(pipe, **sampling)
     sample = recipe.sample
     grid_labels = torch.arange(num_classes).repeat_interleave(sample.num_per_class)
-    grid = generate(pipe, grid_labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
+    grid = generate(sampler, grid_labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
                     seed=recipe.seed, batch_size=recipe.eval.batch_size, desc="sampling grid")
     save_class_grid(grid, sample.num_per_class, output_dir / "samples_grid.png")
     labels = torch.arange(recipe.eval.num_samples) % num_classes
-    images = generate(pipe, labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
+    images = generate(sampler, labels, steps=sample.steps, guidance_scale=sample.guidance_scale,
                       seed=recipe.seed + 1, batch_size=recipe.eval.batch_size, desc="sampling for metrics")
     np.savez_compressed(output_dir / "samples.npz", images=signed_to_uint8(images).numpy(), labels=labels.numpy(),
                         resize=np.array(recipe.data.resize))  # how the reference is to be sized

@@ -17,12 +17,14 @@ from genforge.core.errors import one_line
 from genforge.pipelines.arflow import ARFlowPipeline, SiTPipeline
 from genforge.pipelines.class_conditional import ClassConditionalPipeline
 from genforge.pipelines.dimr import DiMRPipeline
+from genforge.pipelines.enat import AmusedClassPipeline, ENATPipeline, MaskGITPipeline
 
-__all__ = ["PIPELINES", "ARFlowPipeline", "ClassConditionalPipeline", "DiMRPipeline", "SiTPipeline",
-           "check_pipeline_directory", "load_saved_pipeline"]
+__all__ = ["PIPELINES", "ARFlowPipeline", "AmusedClassPipeline", "ClassConditionalPipeline", "DiMRPipeline",
+           "ENATPipeline", "MaskGITPipeline", "SiTPipeline", "check_pipeline_directory", "load_saved_pipeline"]
 
-PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (DiMRPipeline, ClassConditionalPipeline, ARFlowPipeline,
-                                                             SiTPipeline)}
+PIPELINES: dict[str, type] = {cls.__name__: cls for cls in (
+    DiMRPipeline, ClassConditionalPipeline, ARFlowPipeline, SiTPipeline, ENATPipeline, MaskGITPipeline,
+    AmusedClassPipeline)}
 """The genforge pipeline classes, by the ``_class_name`` a saved ``model_index.json`` records."""
 
 

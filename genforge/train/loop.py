@@ -240,6 +240,7 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = EMA(raw_model, decay=tc.ema_decay, warmup=tc.ema_warmup)
+    method.ema_model = ema.module  # the live EMA copy, for methods whose step uses it (ENAT)
     dataset = method.train_dataset()
 
     step = position = 0

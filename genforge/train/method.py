@@ -32,6 +32,10 @@ class Method:
     """True when some trained parameters may get no gradient in a step (mixture-of-experts
     routing, a branch its batch did not reach): multi-process runs then tell DDP to look for them."""
 
+    ema_model: torch.nn.Module | None = None
+    """The loop's live EMA copy of the model (set before the first step; no grad), for steps
+    that query it, as ENAT's simulated previous step does."""
+
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
 

@@ -34,6 +34,7 @@ def test_unknown_method_lists_the_registered_ones():
 
 
 BUILT_IN = {"classifier", "diffusion_probe", "dimr", "dit", "unet2d",  # genforge.methods
+            "vq_tokenizer", "enat", "maskgit", "amused",  # genforge.methods.masked_tokens
             "kd", "meal_v2", "reinforced", "specialists", "concentration", "m2mkd", "modular_student"}  # genforge.kd
 
 
