@@ -33,7 +33,7 @@ def test_unknown_method_lists_the_registered_ones():
         get_method("nope")
 
 
-BUILT_IN = {"classifier", "diffusion_probe", "dimr", "dit", "unet2d",  # genforge.methods
+BUILT_IN = {"classifier", "diffusion_probe", "dimr", "dit", "unet2d", "arflow", "sit",  # genforge.methods
             "vq_tokenizer", "enat", "maskgit", "amused",  # genforge.methods.masked_tokens
             "kd", "meal_v2", "reinforced", "specialists", "concentration", "m2mkd", "modular_student"}  # genforge.kd
 
