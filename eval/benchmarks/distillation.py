@@ -126,11 +126,18 @@ def summary(accs: list[float]) -> dict:
     return {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs), "n": len(accs), "accs": accs}
 
 
-def timed_eval(*args, **kwargs) -> tuple[list[float], float]:
-    """``evaluate_synthetic``'s accuracies and its wall time in seconds."""
-    start = time.perf_counter()
-    accs = evaluate_synthetic(*args, progress=False, **kwargs).accuracies
-    return accs, time.perf_counter() - start
+def timed(fn, *args, **kwargs) -> tuple:
+    """``fn(*args, **kwargs)``, its wall time and this process's CPU time, in seconds (on a shared
+    machine the CPU time is the steadier cost: with one thread it is what an idle core would take)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def timed_eval(*args, **kwargs) -> tuple[list[float], float, float]:
+    """``evaluate_synthetic``'s accuracies, its wall and CPU time in seconds."""
+    result, wall, cpu = timed(evaluate_synthetic, *args, progress=False, **kwargs)
+    return result.accuracies, wall, cpu
 
 
 def parse_args() -> argparse.Namespace:
@@ -173,7 +180,7 @@ def main() -> None:
         raise SystemExit(f"{out} holds {results['dataset']} results, not {args.dataset}")
     for other in args.merge:
         extra = json.loads(Path(other).read_text())
-        for key in ("runs", "full_runs", "teacher", "teacher_seconds"):
+        for key in ("runs", "full_runs", "teacher", "teacher_seconds", "teacher_cpu_seconds"):
             results.setdefault(key, {}).update(extra.get(key, {}))
     if args.report_only:
         report(results, args)
@@ -195,9 +202,9 @@ def main() -> None:
             if file.is_file():
                 teachers[seed] = load_teacher(file, real, options)
             else:
-                start = time.perf_counter()
-                teachers[seed] = train_teacher(real, options, seed, progress=False)
-                results.setdefault("teacher_seconds", {})[str(seed)] = time.perf_counter() - start
+                teachers[seed], wall, cpu = timed(train_teacher, real, options, seed, progress=False)
+                results.setdefault("teacher_seconds", {})[str(seed)] = wall
+                results.setdefault("teacher_cpu_seconds", {})[str(seed)] = cpu
                 with atomic_write(file) as tmp:
                     save_file({k: v.contiguous() for k, v in teachers[seed].state_dict().items()}, str(tmp))
             results.setdefault("teacher", {})[str(seed)] = accuracy_on(teachers[seed], test)
@@ -218,14 +225,13 @@ def main() -> None:
                     kwargs["iterations"] = args.iterations
                 elif engine == "dwa":
                     kwargs.update(iterations=args.dwa_iterations, teacher=teacher(seed))
-                start = time.perf_counter()
-                syn = distill_dataset(engine, real, ipc, seed=seed, flip=flip, progress=False, **kwargs)
-                seconds = time.perf_counter() - start
-                row = {"distill_seconds": seconds, "iterations": kwargs.get("iterations", 0)}
-                row["hard"], row["eval_seconds"] = timed_eval(syn, test, hard, seed=seed)
+                syn, seconds, cpu = timed(distill_dataset, engine, real, ipc, seed=seed, flip=flip,
+                                          progress=False, **kwargs)
+                row = {"distill_seconds": seconds, "distill_cpu_seconds": cpu, "iterations": kwargs.get("iterations", 0)}
+                row["hard"], row["eval_seconds"], row["eval_cpu_seconds"] = timed_eval(syn, test, hard, seed=seed)
                 if engine == "dwa":
-                    row["soft"], row["soft_eval_seconds"] = timed_eval(syn, test, soft, seed=seed,
-                                                                       teacher=teacher(seed))
+                    row["soft"], row["soft_eval_seconds"], row["soft_eval_cpu_seconds"] = timed_eval(
+                        syn, test, soft, seed=seed, teacher=teacher(seed))
                     row["diversity"] = within_class_diversity(syn.images, syn.labels, teacher(seed))
                 runs[key] = row
                 save()
@@ -237,8 +243,8 @@ def main() -> None:
     full = EvalOptions(num_eval=args.full_evals, epochs=args.epochs, net_depth=args.depth)
     for seed in args.seeds if args.methods is None or "full" in args.methods else []:
         if str(seed) not in full_runs:
-            accs, seconds = timed_eval(real.images, test, full, labels=real.labels, seed=seed)
-            full_runs[str(seed)] = {"accs": accs, "eval_seconds": seconds}
+            accs, seconds, cpu = timed_eval(real.images, test, full, labels=real.labels, seed=seed)
+            full_runs[str(seed)] = {"accs": accs, "eval_seconds": seconds, "eval_cpu_seconds": cpu}
             save()
             print(f"full train split, seed {seed}: {100 * statistics.fmean(accs):.2f} ({seconds:.1f} s)", flush=True)
 
@@ -305,27 +311,32 @@ def report(results: dict, args) -> None:
             print(f"  DataDAM - DM at IPC {ipc}: {100 * (dam['mean'] - dm['mean']):+.2f} pts "
                   f"({(dam['mean'] - dm['mean']) / (dm['std'] or float('nan')):+.1f} DM std)")
 
+    def cost(found: list[dict], keys: list[str]) -> str:
+        """Mean wall seconds of each part joined by +, then the mean CPU seconds where every run has them."""
+        keys = [k for k in keys if k in found[0]]
+        text = " + ".join(f"{statistics.fmean(r[k] for r in found):.0f}" for k in keys)
+        cpu = [k.replace("_seconds", "_cpu_seconds") for k in keys]
+        if all(k in r for r in found for k in cpu):
+            text += " (CPU " + " + ".join(f"{statistics.fmean(r[k] for r in found):.0f}" for k in cpu) + ")"
+        return text
+
     print("\nWall time per row (s, mean over the seeds run): distillation + evaluation of "
-          f"{args.num_eval} networks (+ soft-label evaluation)")
+          f"{args.num_eval} networks (+ soft-label evaluation); CPU time of the process where recorded")
     print("| method | " + " | ".join(f"IPC {i}" for i in args.ipcs) + " |")
     print("|---|" + "---|" * len(args.ipcs))
     for label in labels:
         cells = []
         for ipc in args.ipcs:
             found = [runs[f"{label}|{ipc}|{s}"] for s in seeds if f"{label}|{ipc}|{s}" in runs]
-            if not found:
-                cells.append("not run")
-                continue
-            parts = [statistics.fmean(r[k] for r in found) for k in ("distill_seconds", "eval_seconds")]
-            soft_eval = f" + {statistics.fmean(r['soft_eval_seconds'] for r in found):.0f}" if "soft" in found[0] else ""
-            cells.append(f"{parts[0]:.0f} + {parts[1]:.0f}{soft_eval}")
+            cells.append(cost(found, ["distill_seconds", "eval_seconds", "soft_eval_seconds"]) if found else "not run")
         print(f"| {label} | " + " | ".join(cells) + " |")
     if full:
-        print(f"| full train split | {statistics.fmean(f['eval_seconds'] for f in full):.0f} "
-              f"({args.full_evals} network per seed) |")
+        print(f"| full train split ({args.full_evals} network per seed) | {cost(full, ['eval_seconds'])} |")
     if results.get("teacher_seconds"):
-        print("  DWA teacher training (once per seed, shared by every DWA row): "
-              + ", ".join(f"seed {s}: {v:.0f} s" for s, v in results["teacher_seconds"].items()))
+        cpu = results.get("teacher_cpu_seconds", {})
+        print("  DWA teacher training (once per seed, shared by every DWA row): " + ", ".join(
+            f"seed {s}: {v:.0f} s" + (f" (CPU {cpu[s]:.0f})" if s in cpu else "")
+            for s, v in results["teacher_seconds"].items()))
 
     if "timing" in results:
         timing = results["timing"]

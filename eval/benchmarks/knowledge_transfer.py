@@ -100,23 +100,25 @@ class OneHotConcentrationControl(ConcentrationMethod):
 
 def run(root: Path, name: str, base: str, seed: int, **overrides) -> dict:
     """Train the recipe of ``base`` (see :func:`recipe`) into ``root/name`` (reused when finished);
-    its metrics. The wall time of the call is added to ``bench_seconds.json`` (a resumed run adds up)."""
+    its metrics. The wall and CPU time of the call are added to ``bench_seconds.json`` (a resumed
+    run adds up; on a shared machine the CPU time of one thread is the steadier cost)."""
     out = root / name
     done = out / "metrics.json"
     if done.is_file() and json.loads(done.read_text()):
         return json.loads(done.read_text())
     settings = {"output_dir": str(out), "seed": seed, "train.max_minutes": None, **MAX_STEPS, **overrides}
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     metrics = train(load_recipe(RECIPES / f"{recipe(base)}.yaml", settings), resume="auto").metrics
-    add_seconds(out, time.perf_counter() - start)
+    add_seconds(out, time.perf_counter() - wall, time.process_time() - cpu)
     return metrics
 
 
-def add_seconds(out: Path, seconds: float) -> None:
-    """Add ``seconds`` to the wall time kept in ``out/bench_seconds.json``."""
+def add_seconds(out: Path, seconds: float, cpu_seconds: float | None) -> None:
+    """Add wall and CPU seconds to those kept in ``out/bench_seconds.json`` (CPU: None when not measured)."""
     path = out / SECONDS
-    before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    write_json(path, {"seconds": before + seconds})
+    before = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "cpu_seconds": 0.0}
+    cpu = None if cpu_seconds is None or before.get("cpu_seconds") is None else before["cpu_seconds"] + cpu_seconds
+    write_json(path, {"seconds": before["seconds"] + seconds, "cpu_seconds": cpu})
 
 
 def teachers(root: Path) -> list[str]:
@@ -133,7 +135,7 @@ def reinforced_dir(root: Path, teacher_paths: list[str]) -> Path:
                                    {"output_dir": str(out), "teachers": teacher_paths})
     summary = run_reinforce_recipe(config, progress=False)
     if summary["shards_written"]:
-        add_seconds(out, summary["seconds"])
+        add_seconds(out, summary["seconds"], None)
     (root / "reinforce_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return out
 
@@ -382,8 +384,15 @@ def concentration_table(root: Path) -> None:
 
 def cost_table(root: Path) -> None:
     """Wall time of every row: the mean training time per seed, and each shared run's once."""
-    def seconds(path: Path) -> float | None:
-        return json.loads((path / SECONDS).read_text())["seconds"] if (path / SECONDS).is_file() else None
+    def seconds(path: Path) -> dict | None:
+        return json.loads((path / SECONDS).read_text()) if (path / SECONDS).is_file() else None
+
+    def cpu(values: list[dict]) -> str:
+        found = [v.get("cpu_seconds") for v in values]
+        if None in found:
+            return "-"
+        mean, std = _stats(found)
+        return f"{mean:.0f} ± {std:.0f}" if len(found) > 1 else f"{mean:.0f}"
 
     shared = {name: seconds(root / name) for name in
               ("teacher_resnet18", "teacher_moat", "reinforced_data", "vit_teacher", "meta")}
@@ -394,15 +403,15 @@ def cost_table(root: Path) -> None:
             rows.setdefault(run_dir.name.rsplit("_s", 1)[0], []).append(value)
     if not rows and not any(shared.values()):
         return
-    print("\nWall time per run (s, this CPU, as run; mean ± std over the seeds run)\n")
-    print("| run | seeds | seconds |")
-    print("|---|---|---|")
+    print("\nTime per run (s, this CPU, as run; mean ± std over the seeds run)\n")
+    print("| run | seeds | wall seconds | CPU seconds |")
+    print("|---|---|---|---|")
     for name, value in shared.items():
         if value is not None:
-            print(f"| {name} (shared, once) | - | {value:.0f} |")
+            print(f"| {name} (shared, once) | - | {value['seconds']:.0f} | {cpu([value])} |")
     for name, values in rows.items():
-        mean, std = _stats(values)
-        print(f"| {name} | {len(values)} | {mean:.0f} ± {std:.0f} |")
+        mean, std = _stats([v["seconds"] for v in values])
+        print(f"| {name} | {len(values)} | {mean:.0f} ± {std:.0f} | {cpu(values)} |")
 
 
 def main() -> None:
