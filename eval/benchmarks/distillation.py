@@ -195,9 +195,10 @@ def main() -> None:
     teachers = {}
 
     def teacher(seed: int):
-        """The seed's ConvNetBN teacher, trained (and cached next to ``--out``) on first use."""
+        """The seed's ConvNetBN teacher, trained (and cached next to ``--out``, named by dataset) on first use."""
         if seed not in teachers:
-            file = out.with_name(f"teacher_seed{seed}.safetensors")
+            tag = "" if args.dataset == "digits" else f"{args.dataset}_"
+            file = out.with_name(f"teacher_{tag}seed{seed}.safetensors")
             options = DWAOptions(teacher_width=32, teacher_depth=args.depth, teacher_epochs=args.teacher_epochs)
             if file.is_file():
                 teachers[seed] = load_teacher(file, real, options)
