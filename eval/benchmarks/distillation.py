@@ -19,8 +19,8 @@ partial run has every method of the first seed first.
 It prints mean ± std test accuracy over seeds x networks, each method's gap to the random
 subset in pooled standard deviations, the wall time of one distillation iteration (one
 update of the whole synthetic set) as a ratio to DM's at the same IPC (timed in interleaved
-rounds), DWA's within-class diversity against SRe2L's, the wall time of each row (distillation and
-evaluation, as run), and FYI's positive control on "mirror
+rounds), DWA's within-class diversity against SRe2L's, the wall and CPU time of each row
+(distillation and evaluation, as run), and FYI's positive control on "mirror
 digits" (half of the images mirrored, so that left and right are equivalent as FYI assumes;
 distillation and evaluation then use DSA with flip, as the field does on natural images). Results (and
 every accuracy) are written to ``--out`` as JSON after each run; a finished (method, ipc,
@@ -81,8 +81,6 @@ def engines(depth: int, rhos: list[float] = ()) -> list[tuple[str, str, bool, di
         ("DWA", "dwa", False, dict(rho=15e-3, steps=12, jitter=1)),
         ("SRe2L", "dwa", False, dict(rho=0.0, steps=12, jitter=1)),
     ] + [(f"DWA rho={rho:g}", "dwa", False, dict(rho=rho, steps=12, jitter=1)) for rho in rhos]
-
-
 
 
 def mirrored(real: RealData, seed: int) -> RealData:
