@@ -226,7 +226,8 @@ def main() -> None:
                     kwargs.update(iterations=args.dwa_iterations, teacher=teacher(seed))
                 syn, seconds, cpu = timed(distill_dataset, engine, real, ipc, seed=seed, flip=flip,
                                           progress=False, **kwargs)
-                row = {"distill_seconds": seconds, "distill_cpu_seconds": cpu, "iterations": kwargs.get("iterations", 0)}
+                row = {"distill_seconds": seconds, "distill_cpu_seconds": cpu,
+                       "iterations": kwargs.get("iterations", 0)}
                 row["hard"], row["eval_seconds"], row["eval_cpu_seconds"] = timed_eval(syn, test, hard, seed=seed)
                 if engine == "dwa":
                     row["soft"], row["soft_eval_seconds"], row["soft_eval_cpu_seconds"] = timed_eval(
@@ -339,7 +340,8 @@ def report(results: dict, args) -> None:
 
     if "timing" in results:
         timing = results["timing"]
-        others = [lbl for lbl, eng, *_ in args.rows if eng not in ("random", "dm") and f"{lbl}|{args.ipcs[0]}" in timing]
+        others = [lbl for lbl, eng, *_ in args.rows
+                  if eng not in ("random", "dm") and f"{lbl}|{args.ipcs[0]}" in timing]
         print("\nWall time of one distillation iteration, as a ratio to DM's at the same IPC (interleaved rounds)")
         print("| IPC | DM (s) | " + " | ".join(others) + " |")
         print("|---|---|" + "---|" * len(others))

@@ -30,7 +30,7 @@ padded to 32x32, 1,000 student steps: the scratch control then trains 2,000):
 ``--part cost`` times, in interleaved rounds in one process, an epoch of the student on the
 reinforced dataset (replay, no teacher) against an epoch of online KD on the same augmentation
 pipeline (augment, run both teachers, then the same student step), and plain training.
-Every run's wall time is kept next to its metrics (``bench_seconds.json``) and reported per row.
+Every run's wall and CPU time are kept next to its metrics (``bench_seconds.json``) and reported per row.
 A finished run (its metrics.json) is reused and a killed one resumes from its checkpoint, so
 the parts resume, can run in parallel (different parts) and be split across sessions:
 
@@ -83,10 +83,14 @@ def recipe(base: str) -> str:
     return f"{base}_{SUFFIX['name']}"
 
 
+def student_steps() -> int:
+    """The scratch student's steps (``--max-steps`` when given)."""
+    return MAX_STEPS.get("train.max_steps") or read_yaml(RECIPES / f"{recipe('student_scratch')}.yaml")["train"]["max_steps"]
+
+
 def scratch_control_row() -> str:
     """The scratch student trained for twice its recipe's steps (the total of MEAL V2 from it)."""
-    steps = MAX_STEPS.get("train.max_steps") or load_recipe(RECIPES / f"{recipe('student_scratch')}.yaml").train.max_steps
-    return f"scratch_{2 * steps}_steps"
+    return f"scratch_{2 * student_steps()}_steps"
 
 
 @register_method("concentration_onehot_control")
@@ -336,9 +340,8 @@ def report(root: Path) -> None:
         metrics = json.loads(seed_dir.read_text())
         hybrids = {k: round(100 * v, 2) for k, v in metrics.items() if k.startswith(("hybrid", "student_test"))}
         print(f"{seed_dir.parent.name}: {hybrids}")
-    steps = MAX_STEPS.get("train.max_steps") or load_recipe(RECIPES / f"{recipe('student_scratch')}.yaml").train.max_steps
     table(STUDENT_ROWS + [scratch_control_row()], "scratch",
-          f"Students (test_efficientnet, 0.10M parameters, {steps} steps unless named), {SUFFIX['name']}")
+          f"Students (test_efficientnet, 0.10M parameters, {student_steps()} steps unless named), {SUFFIX['name']}")
     table(M2MKD_ROWS, "modular_scratch", "Modular MoE student, end to end (same steps)")
     concentration_table(root)
     cost_table(root)
