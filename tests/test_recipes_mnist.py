@@ -142,3 +142,30 @@ def test_reinforce_recipe_reinforces_a_shard_of_mnist_from_the_mnist_teachers(tm
     assert (tmp_path / "reinforced" / "shard_00000.safetensors").is_file()
     student = read_yaml(RECIPES / "kd" / "reinforced_student_mnist.yaml")
     assert student["model"]["reinforced_dir"] == "runs/kd_reinforce_mnist" and student["data"] == read_yaml(path)["data"] | {"batch_size": 64}
+
+
+def test_m2mkd_recipes_chain_on_mnist_at_32x32_with_8x8_tokens(tmp_path):
+    """vit_teacher -> meta -> m2mkd -> modular_student, 2 steps each: the modules taught against the
+    MNIST teacher load into the modular student, whose geometry is the meta model's (32x32, 4x4 patches).
+    Teacher and meta are cut to width 16 (the recipes' 64) to keep the test short."""
+    runs = {name: tmp_path / name for name in ("vit_teacher", "meta", "m2mkd", "modular_student")}
+    for name in ("vit_teacher", "meta"):
+        path = RECIPES / "kd" / f"{name}_mnist.yaml"
+        kwargs = read_yaml(path)["model"]["kwargs"]
+        assert (kwargs["img_size"] // kwargs["patch_size"], kwargs["embed_dim"]) == (8, 64)
+        recipe = load_recipe(path, overrides={**_short(runs[name]),
+                                              "model.kwargs": {**kwargs, "embed_dim": 16, "num_heads": 2}})
+        assert (recipe.data.name, recipe.data.image_size, recipe.data.resize) == ("mnist5k", 32, "pad")
+        train(recipe)
+    raw = read_yaml(RECIPES / "kd" / "m2mkd_mnist.yaml")
+    assert (raw["model"]["teacher"], raw["model"]["meta"]) == ("runs/kd_vit_teacher_mnist", "runs/kd_meta_mnist")
+    train(load_recipe(RECIPES / "kd" / "m2mkd_mnist.yaml", overrides={
+        **_short(runs["m2mkd"]), "model.teacher": str(runs["vit_teacher"]), "model.meta": str(runs["meta"])}))
+    taught = json.loads((runs["m2mkd"] / "student_config.json").read_text())
+    assert (taught["img_size"], taught["patch_size"], taught["meta_dim"]) == (32, 4, 16)
+    assert read_yaml(RECIPES / "kd" / "modular_student_mnist.yaml")["model"]["m2mkd_run"] == "runs/kd_m2mkd_mnist"
+    train(load_recipe(RECIPES / "kd" / "modular_student_mnist.yaml", overrides={
+        **_short(runs["modular_student"]), "model.m2mkd_run": str(runs["m2mkd"])}))
+    student = json.loads((runs["modular_student"] / "student_config.json").read_text())
+    assert student == {**taught, "keep_stitches": True}
+    assert 0.0 <= json.loads((runs["modular_student"] / "metrics.json").read_text())["test_accuracy"] <= 1.0

@@ -1,9 +1,12 @@
-"""Knowledge transfer on digits: a small student from scratch, with classic KD, MEAL V2, from a
-reinforced dataset, and a modular MoE student trained end to end with and without m2mKD first.
+"""Knowledge transfer on digits or MNIST-5k: a small student from scratch, with classic KD, MEAL V2,
+from a reinforced dataset, a modular MoE student trained end to end with and without m2mKD first,
+and knowledge concentration.
 
 Every run is a shipped recipe of ``recipes/kd/`` with only its output directory, seed and (for
 the students) teacher paths changed, trained through the one training loop and scored on the
-digits test split (top-1 accuracy and 15-bin ECE of the EMA model):
+test split (top-1 accuracy and 15-bin ECE of the EMA model). The recipes named ``*_digits``
+below are the default; ``--dataset mnist5k`` runs their ``*_mnist`` twins instead (MNIST-5k
+padded to 32x32, 1,000 student steps: the scratch control then trains 2,000):
 
 - teachers (seed 0): ``teacher_resnet18_digits`` and ``teacher_moat_digits``;
 - per seed, the ``test_efficientnet`` student of ``student_scratch_digits`` (300 steps),
@@ -27,13 +30,16 @@ digits test split (top-1 accuracy and 15-bin ECE of the EMA model):
 ``--part cost`` times, in interleaved rounds in one process, an epoch of the student on the
 reinforced dataset (replay, no teacher) against an epoch of online KD on the same augmentation
 pipeline (augment, run both teachers, then the same student step), and plain training.
-A finished run (its metrics.json) is reused, so the parts resume and can run in parallel:
+Every run's wall and CPU time are kept next to its metrics (``bench_seconds.json``) and reported per row.
+A finished run (its metrics.json) is reused and a killed one resumes from its checkpoint, so
+the parts resume, can run in parallel (different parts) and be split across sessions:
 
     python eval/benchmarks/knowledge_transfer.py --part students --seeds 0 1 2
     python eval/benchmarks/knowledge_transfer.py --part m2mkd --seeds 0 1 2
     python eval/benchmarks/knowledge_transfer.py --part concentration --seeds 0 1 2
     python eval/benchmarks/knowledge_transfer.py --part cost
     python eval/benchmarks/knowledge_transfer.py --report
+    python eval/benchmarks/knowledge_transfer.py --dataset mnist5k --root runs/bench_kd_mnist --part students
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from genforge.config import load_recipe
+from genforge.config import load_recipe, read_yaml
+from genforge.core.io import write_json
 from genforge.data import build_dataset
 from genforge.kd.concentration import ConcentrationMethod, Verticals, load_specialists, load_student, read_verticals
 from genforge.kd.ensemble import TeacherEnsemble
@@ -61,11 +68,29 @@ from genforge.train import register_method
 from genforge.train.loop import train
 
 RECIPES = Path("recipes/kd")
-STUDENT_ROWS = ["scratch", "kd", "meal_v2", "reinforced", "meal_v2_from_scratch_student", "scratch_600_steps"]
+STUDENT_ROWS = ["scratch", "kd", "meal_v2", "reinforced", "meal_v2_from_scratch_student"]
 M2MKD_ROWS = ["modular_scratch", "modular_m2mkd"]
 CONCENTRATION_ROWS = ["all_classes_classifier", "all_classes_onehot", "concentration"]
 VERTICAL_METRICS = "vertical_metrics.json"
+SECONDS = "bench_seconds.json"
 MAX_STEPS: dict = {}  # --max-steps N: {"train.max_steps": N} on every run (a quick end-to-end check)
+DATASETS = {"digits": "digits", "mnist5k": "mnist"}  # --dataset -> the recipes' file suffix
+SUFFIX = {"name": "digits"}  # set from --dataset
+
+
+def recipe(base: str) -> str:
+    """The recipe of ``base`` for the chosen dataset, e.g. ``kd`` -> ``kd_mnist``."""
+    return f"{base}_{SUFFIX['name']}"
+
+
+def student_steps() -> int:
+    """The scratch student's steps (``--max-steps`` when given)."""
+    return MAX_STEPS.get("train.max_steps") or read_yaml(RECIPES / f"{recipe('student_scratch')}.yaml")["train"]["max_steps"]
+
+
+def scratch_control_row() -> str:
+    """The scratch student trained for twice its recipe's steps (the total of MEAL V2 from it)."""
+    return f"scratch_{2 * student_steps()}_steps"
 
 
 @register_method("concentration_onehot_control")
@@ -77,29 +102,44 @@ class OneHotConcentrationControl(ConcentrationMethod):
         return F.one_hot(labels, self.verticals.num_classes).float()
 
 
-def run(root: Path, name: str, recipe: str, seed: int, **overrides) -> dict:
-    """Train ``recipes/kd/<recipe>.yaml`` into ``root/name`` (reused when finished); its metrics."""
+def run(root: Path, name: str, base: str, seed: int, **overrides) -> dict:
+    """Train the recipe of ``base`` (see :func:`recipe`) into ``root/name`` (reused when finished);
+    its metrics. The wall and CPU time of the call are added to ``bench_seconds.json`` (a resumed
+    run adds up; on a shared machine the CPU time of one thread is the steadier cost)."""
     out = root / name
     done = out / "metrics.json"
     if done.is_file() and json.loads(done.read_text()):
         return json.loads(done.read_text())
     settings = {"output_dir": str(out), "seed": seed, "train.max_minutes": None, **MAX_STEPS, **overrides}
-    return train(load_recipe(RECIPES / f"{recipe}.yaml", settings), resume="auto").metrics
+    wall, cpu = time.perf_counter(), time.process_time()
+    metrics = train(load_recipe(RECIPES / f"{recipe(base)}.yaml", settings), resume="auto").metrics
+    add_seconds(out, time.perf_counter() - wall, time.process_time() - cpu)
+    return metrics
+
+
+def add_seconds(out: Path, seconds: float, cpu_seconds: float | None) -> None:
+    """Add wall and CPU seconds to those kept in ``out/bench_seconds.json`` (CPU: None when not measured)."""
+    path = out / SECONDS
+    before = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "cpu_seconds": 0.0}
+    cpu = None if cpu_seconds is None or before.get("cpu_seconds") is None else before["cpu_seconds"] + cpu_seconds
+    write_json(path, {"seconds": before["seconds"] + seconds, "cpu_seconds": cpu})
 
 
 def teachers(root: Path) -> list[str]:
     paths = []
     for name in ("resnet18", "moat"):
-        run(root, f"teacher_{name}", f"teacher_{name}_digits", 0)
+        run(root, f"teacher_{name}", f"teacher_{name}", 0)
         paths.append(str(root / f"teacher_{name}"))
     return paths
 
 
 def reinforced_dir(root: Path, teacher_paths: list[str]) -> Path:
     out = root / "reinforced_data"
-    recipe = load_reinforce_recipe(RECIPES / "reinforce_digits.yaml",
+    config = load_reinforce_recipe(RECIPES / f"{recipe('reinforce')}.yaml",
                                    {"output_dir": str(out), "teachers": teacher_paths})
-    summary = run_reinforce_recipe(recipe, progress=False)
+    summary = run_reinforce_recipe(config, progress=False)
+    if summary["shards_written"]:
+        add_seconds(out, summary["seconds"], None)
     (root / "reinforce_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return out
 
@@ -108,30 +148,32 @@ def students(root: Path, seeds: list[int]) -> None:
     teacher_paths = teachers(root)
     data_dir = reinforced_dir(root, teacher_paths)
     for seed in seeds:
-        run(root, f"scratch_s{seed}", "student_scratch_digits", seed)
-        run(root, f"kd_s{seed}", "kd_digits", seed, **{"model.teachers": teacher_paths})
-        run(root, f"meal_v2_s{seed}", "meal_v2_digits", seed, **{"model.teachers": teacher_paths})
-        run(root, f"reinforced_s{seed}", "reinforced_student_digits", seed,
+        run(root, f"scratch_s{seed}", "student_scratch", seed)
+        run(root, f"kd_s{seed}", "kd", seed, **{"model.teachers": teacher_paths})
+        run(root, f"meal_v2_s{seed}", "meal_v2", seed, **{"model.teachers": teacher_paths})
+        run(root, f"reinforced_s{seed}", "reinforced_student", seed,
             **{"model.reinforced_dir": str(data_dir)})
+    control = scratch_control_row()
     for seed in seeds:
-        run(root, f"meal_v2_from_scratch_student_s{seed}", "meal_v2_digits", seed,
+        run(root, f"meal_v2_from_scratch_student_s{seed}", "meal_v2", seed,
             **{"model.teachers": teacher_paths,
                "model.pretrained_file": str(root / f"scratch_s{seed}" / "model.safetensors")})
-        run(root, f"scratch_600_steps_s{seed}", "student_scratch_digits", seed, **{"train.max_steps": 600})
+        run(root, f"{control}_s{seed}", "student_scratch", seed,
+            **{"train.max_steps": int(control.split("_")[1])})
 
 
 def m2mkd(root: Path, seeds: list[int]) -> None:
-    run(root, "vit_teacher", "vit_teacher_digits", 0)
-    run(root, "meta", "meta_digits", 0)
+    run(root, "vit_teacher", "vit_teacher", 0)
+    run(root, "meta", "meta", 0)
     paths = {"model.teacher": str(root / "vit_teacher"), "model.meta": str(root / "meta")}
-    student = load_recipe(RECIPES / "m2mkd_digits.yaml").model["student"]
-    meta_vit = load_recipe(RECIPES / "meta_digits.yaml").model["kwargs"]
+    student = read_yaml(RECIPES / f"{recipe('m2mkd')}.yaml")["model"]["student"]
+    meta_vit = read_yaml(RECIPES / f"{recipe('meta')}.yaml")["model"]["kwargs"]
     scratch_student = {**student, "meta_dim": meta_vit["embed_dim"], "patch_size": meta_vit["patch_size"]}
     for seed in seeds:
-        run(root, f"m2mkd_modules_s{seed}", "m2mkd_digits", seed, **paths)
-        run(root, f"modular_m2mkd_s{seed}", "modular_student_digits", seed,
+        run(root, f"m2mkd_modules_s{seed}", "m2mkd", seed, **paths)
+        run(root, f"modular_m2mkd_s{seed}", "modular_student", seed,
             **{"model.m2mkd_run": str(root / f"m2mkd_modules_s{seed}")})
-        run(root, f"modular_scratch_s{seed}", "modular_student_digits", seed,
+        run(root, f"modular_scratch_s{seed}", "modular_student", seed,
             **{"model.m2mkd_run": None, "model.student": scratch_student})
 
 
@@ -162,9 +204,9 @@ def concentration(root: Path, seeds: list[int]) -> None:
     within-vertical scores of each (``vertical_metrics.json`` next to its ``metrics.json``)."""
     for seed in seeds:
         specialists = root / f"conc_specialists_s{seed}"
-        run(root, specialists.name, "specialists_digits", seed)
-        recipe = load_recipe(RECIPES / "concentration_digits.yaml", {"model.specialists": str(specialists)})
-        test_set, batch = load_split(recipe, "test"), recipe.eval.batch_size
+        run(root, specialists.name, "specialists", seed)
+        config = load_recipe(RECIPES / f"{recipe('concentration')}.yaml", {"model.specialists": str(specialists)})
+        test_set, batch = load_split(config, "test"), config.eval.batch_size
         verticals = read_verticals(specialists)
         path = specialists / VERTICAL_METRICS
         if not path.is_file():
@@ -173,12 +215,12 @@ def concentration(root: Path, seeds: list[int]) -> None:
         students = {
             "concentration": {},
             "all_classes_onehot": {"method": "concentration_onehot_control"},
-            "all_classes_classifier": {"method": "classifier", "model": {"name": recipe.model["name"],
-                                                                          "kwargs": recipe.model["kwargs"]}},
+            "all_classes_classifier": {"method": "classifier", "model": {"name": config.model["name"],
+                                                                          "kwargs": config.model["kwargs"]}},
         }
         for row, overrides in students.items():
             out = root / f"{row}_s{seed}"
-            run(root, out.name, "concentration_digits", seed,
+            run(root, out.name, "concentration", seed,
                 **{"model.specialists": str(specialists), **overrides})
             if (out / VERTICAL_METRICS).is_file():
                 continue
@@ -208,15 +250,15 @@ def cost(root: Path, rounds: int) -> None:
     import timm
 
     directory = root / "reinforced_data"
-    recipe = load_recipe(RECIPES / "reinforced_student_digits.yaml", {"model.reinforced_dir": str(directory)})
-    data = recipe.data
+    config = load_recipe(RECIPES / f"{recipe('reinforced_student')}.yaml", {"model.reinforced_dir": str(directory)})
+    data = config.data
     train_set = build_dataset(data.name, split="train", image_size=data.image_size, resize=data.resize)
     replay = ReinforcedDataset(train_set, directory, p_replay=1.0,
                                dataset_name=dataset_tag(data, "train", train_set))
     pipeline = ReinforcePipeline.from_config(replay.manifest["pipeline"])
     ensemble = TeacherEnsemble(load_teachers([str(root / "teacher_resnet18"), str(root / "teacher_moat")],
                                              num_classes=10, in_chans=1))
-    student = timm.create_model(recipe.model["name"], num_classes=10, in_chans=1)
+    student = timm.create_model(config.model["name"], num_classes=10, in_chans=1)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     batch, n = data.batch_size, len(train_set) - len(train_set) % data.batch_size
     generator = torch.Generator().manual_seed(0)
@@ -298,9 +340,11 @@ def report(root: Path) -> None:
         metrics = json.loads(seed_dir.read_text())
         hybrids = {k: round(100 * v, 2) for k, v in metrics.items() if k.startswith(("hybrid", "student_test"))}
         print(f"{seed_dir.parent.name}: {hybrids}")
-    table(STUDENT_ROWS, "scratch", "Students (test_efficientnet, 0.10M parameters, 300 steps unless named)")
+    table(STUDENT_ROWS + [scratch_control_row()], "scratch",
+          f"Students (test_efficientnet, 0.10M parameters, {student_steps()} steps unless named), {SUFFIX['name']}")
     table(M2MKD_ROWS, "modular_scratch", "Modular MoE student, end to end (same steps)")
     concentration_table(root)
+    cost_table(root)
     if (root / "cost.json").is_file():
         c = json.loads((root / "cost.json").read_text())
         print(f"\nEpoch time (median of {c['rounds']} interleaved rounds, {c['threads']} threads): "
@@ -321,7 +365,7 @@ def concentration_table(root: Path) -> None:
                    for p in sorted(root.glob(f"conc_specialists_s*/{VERTICAL_METRICS}"))]
     if not specialists:
         return
-    print("\nKnowledge concentration (resnet10t, digits 16x16, same data, steps and optimiser)\n")
+    print(f"\nKnowledge concentration (resnet10t, {SUFFIX['name']}, same data, steps and optimiser)\n")
     print("| model | seeds | test accuracy % (10 classes) | ECE | accuracy % within the vertical | "
           "mean confidence | gamma_v |")
     print("|---|---|---|---|---|---|---|")
@@ -341,9 +385,43 @@ def concentration_table(root: Path) -> None:
               f"{stat([e['mean_confidence'] for e in extra], 1.0, 3)} | {gamma} |")
 
 
+def cost_table(root: Path) -> None:
+    """Wall time of every row: the mean training time per seed, and each shared run's once."""
+    def seconds(path: Path) -> dict | None:
+        return json.loads((path / SECONDS).read_text()) if (path / SECONDS).is_file() else None
+
+    def cpu(values: list[dict]) -> str:
+        found = [v.get("cpu_seconds") for v in values]
+        if None in found:
+            return "-"
+        mean, std = _stats(found)
+        return f"{mean:.0f} ± {std:.0f}" if len(found) > 1 else f"{mean:.0f}"
+
+    shared = {name: seconds(root / name) for name in
+              ("teacher_resnet18", "teacher_moat", "reinforced_data", "vit_teacher", "meta")}
+    rows = {}
+    for run_dir in sorted(root.glob("*_s[0-9]*")):
+        value = seconds(run_dir)
+        if value is not None:
+            rows.setdefault(run_dir.name.rsplit("_s", 1)[0], []).append(value)
+    if not rows and not any(shared.values()):
+        return
+    print("\nTime per run (s, this CPU, as run; mean ± std over the seeds run)\n")
+    print("| run | seeds | wall seconds | CPU seconds |")
+    print("|---|---|---|---|")
+    for name, value in shared.items():
+        if value is not None:
+            print(f"| {name} (shared, once) | - | {value['seconds']:.0f} | {cpu([value])} |")
+    for name, values in rows.items():
+        mean, std = _stats([v["seconds"] for v in values])
+        print(f"| {name} | {len(values)} | {mean:.0f} ± {std:.0f} | {cpu(values)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/bench_kd"))
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
+                        help="digits: the *_digits recipes; mnist5k: their *_mnist twins (use another --root)")
     parser.add_argument("--part", choices=["students", "m2mkd", "concentration", "cost"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
@@ -351,6 +429,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="train every run of the part for this many steps "
                         "(a quick end-to-end check; use another --root)")
     args = parser.parse_args()
+    SUFFIX["name"] = DATASETS[args.dataset]
     if args.max_steps is not None:
         MAX_STEPS["train.max_steps"] = args.max_steps
     if args.part == "students":
