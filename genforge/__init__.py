@@ -14,9 +14,10 @@ import genforge.backbones  # noqa: F401  (registers the gf_ timm models)
 __version__ = "0.1.0"
 
 _LAZY = {"DiMRModel": "genforge.models.dimr", "DiMRPipeline": "genforge.pipelines.dimr",
-         "ClassConditionalPipeline": "genforge.pipelines.class_conditional"}
+         "ClassConditionalPipeline": "genforge.pipelines.class_conditional",
+         "ASDMUNet2DConditionModel": "genforge.sd.unet"}
 _SUBPACKAGES = ("backbones", "config", "core", "data", "distill", "kd", "methods", "metrics", "models",
-                "pipelines", "train")
+                "pipelines", "sd", "train")
 __all__ = [*_LAZY, *_SUBPACKAGES, "__version__"]
 
 
