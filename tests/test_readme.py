@@ -26,6 +26,7 @@ TINY = [  # (README text, tiny setting): sizes and lengths only, never the calls
     ("EvalOptions(num_eval=5)", "EvalOptions(num_eval=1, epochs=1)"),
     ('"/path/revcol_tiny_1k.pth"', '"revcol_tiny_1k.pth"'),
     ("steps=300", "steps=2"),
+    ("UNet2DConditionModel(**SD15_UNET_CONFIG)", 'UNet2DConditionModel(**UNET_CONFIGS["sd-like-tiny"])'),
 ]
 
 

@@ -1,7 +1,7 @@
 """Benchmark: BK-SDM's and A-SDM's pruned UNets against the SD-1.5 teacher, and the redundancy report.
 
 On a randomly initialised ``UNet2DConditionModel`` with SD-1.5's exact configuration (860M
-parameters, built locally; speed does not depend on the weights), batch ``--batch``, 64x64
+parameters, built locally), batch ``--batch``, 64x64
 latents (512 px), 77 text tokens, for the teacher and each student of
 :func:`genforge.sd.prune`:
 
@@ -11,9 +11,11 @@ latents (512 px), 77 text tokens, for the teacher and each student of
   206G were counted);
 - UNet forward latency: median of ``--repeats`` timed calls after ``--warmup``, teacher and
   student called alternately so that both see the same machine load;
-- the pipeline step: one denoising step of a stock diffusers ``StableDiffusionPipeline``
-  (classifier-free guidance, so the UNet runs on 2x the batch, plus the PNDM scheduler step),
-  timed the same way.
+- the pipeline step (for ``--pipeline-variants``): one denoising step of a stock diffusers
+  ``StableDiffusionPipeline`` (classifier-free guidance, so the UNet runs on 2x the batch, plus
+  the PNDM scheduler step), timed the same way.
+
+Weights are N(0, 0.02) (speed does not depend on them); MACs are counted on the meta device.
 
 The A-SDM rows separate its components: ``asdm`` (CLME-CondConv + GRI), ``asdm: CondConv only``,
 ``asdm: GRI only`` (both off is bk-small). Ratios are student / teacher from the same run.
@@ -24,7 +26,7 @@ teacher (MAC and latency shares only: on random weights the output change says n
 ``--teacher-run``, for a trained teacher UNet saved by ``recipes/asdm/teacher_digits.yaml``.
 
 Run: ``OMP_NUM_THREADS=1 nice -n 5 python eval/benchmarks/asdm.py --out docs/benchmarks/asdm``
-(about 30 min on one CPU core).
+(about 10 CPU-minutes; defaults: one timed call each, no warm-up, as a busy 2-core machine allows).
 """
 
 from __future__ import annotations
@@ -96,27 +98,44 @@ def macs(unet, inputs) -> tuple[int, int]:
     return count.total, count.total - count.attention
 
 
+def random_unet(device, dtype) -> UNet2DConditionModel:
+    """SD-1.5's UNet with N(0, 0.02) weights (built on the meta device, then filled: fast; timing and
+    MACs do not depend on the values)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet = unet.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.normal_(0, 0.02, generator=generator)
+    return (unet if dtype == torch.float32 else unet.to(dtype)).eval()
+
+
 def measure(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    teacher = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device, dtype).eval()
+    with torch.device("meta"):
+        meta_teacher = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        meta_inputs = (torch.zeros(args.batch, 4, 64, 64), torch.full((args.batch,), 500), torch.zeros(args.batch, 77, 768))
+    teacher = random_unet(device, dtype)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(args.batch, 4, 64, 64, generator=generator).to(device, dtype)
     embeds = torch.randn(args.batch, 77, 768, generator=generator).to(device, dtype)
     inputs = (latents, torch.full((args.batch,), 500, device=device), embeds)
     results = {"teacher": {"params": teacher.num_parameters()}}
     with torch.inference_mode():
-        results["teacher"]["macs"], results["teacher"]["macs_conv_linear"] = macs(teacher, inputs)
+        results["teacher"]["macs"], results["teacher"]["macs_conv_linear"] = macs(meta_teacher, meta_inputs)
         for name in args.variants:
             plan, options = VARIANTS[name]
+            row = {}
+            row["macs"], row["macs_conv_linear"] = macs(prune(meta_teacher, plan, options), meta_inputs)
             student = prune(teacher, plan, options).eval()
-            row = {"params": student.num_parameters()}
-            row["macs"], row["macs_conv_linear"] = macs(student, inputs)
+            row["params"] = student.num_parameters()
             row["teacher_s"], row["s"] = side_by_side(lambda: teacher(*inputs), lambda: student(*inputs), args.warmup,
                                                       args.repeats, device)
-            row["teacher_step_s"], row["step_s"] = side_by_side(pipeline_step(teacher, embeds),
-                                                                pipeline_step(student, embeds), 0,
-                                                                args.pipeline_repeats, device)
+            if name in args.pipeline_variants:
+                row["teacher_step_s"], row["step_s"] = side_by_side(pipeline_step(teacher, embeds),
+                                                                    pipeline_step(student, embeds), 0,
+                                                                    args.pipeline_repeats, device)
             results[name] = row
             print(name, row, flush=True)
             del student
@@ -134,21 +153,22 @@ def table(results: dict) -> str:
         if name == "teacher":
             continue
         forward = row["s"] / row["teacher_s"]
+        step = "not measured | -"
+        if "step_s" in row:
+            step = f"{row['step_s']:.2f} (teacher {row['teacher_step_s']:.2f}) | {row['step_s'] / row['teacher_step_s']:.2f}"
         lines.append(f"| {name} | {row['params'] / 1e6:.1f} | {row['params'] / teacher['params']:.2f} | "
                      f"{row['macs'] / 1e9:.1f} | {row['macs_conv_linear'] / 1e9:.1f} | "
                      f"{row['macs'] / teacher['macs']:.2f} | {row['s']:.2f} (teacher {row['teacher_s']:.2f}) | "
-                     f"{forward:.2f} | {1 - forward:.0%} | {row['step_s']:.2f} (teacher {row['teacher_step_s']:.2f}) "
-                     f"| {row['step_s'] / row['teacher_step_s']:.2f} |")
+                     f"{forward:.2f} | {1 - forward:.0%} | {step} |")
     return "\n".join(lines)
 
 
 def redundancy(args) -> list[dict]:
-    torch.manual_seed(0)
     if args.teacher_run:
         unet = UNet2DConditionModel.from_pretrained(Path(args.teacher_run) / "pipeline" / "unet").eval()
         size, tokens = unet.config.sample_size, 8
     else:
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+        unet = random_unet("cpu", torch.float32)
         size, tokens = 64, 77
     generator = torch.Generator().manual_seed(1)
     batch = args.redundancy_batch
@@ -184,9 +204,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--pipeline-repeats", type=int, default=1)
+    parser.add_argument("--pipeline-variants", nargs="*", default=["bk-small", "asdm"], choices=list(VARIANTS))
     parser.add_argument("--skip-latency", action="store_true", help="only the redundancy report")
     parser.add_argument("--redundancy", action="store_true")
     parser.add_argument("--redundancy-batch", type=int, default=1)

@@ -98,7 +98,9 @@ def count_macs(fn) -> MacCount:
     counts = counter.get_flop_counts()
     per_module = {name.partition(".")[2] if "." in name else name: sum(ops.values()) // 2
                   for name, ops in counts.items()}
-    attention = sum(v for op, v in counts["Global"].items() if "attention" in str(op)) // 2
+    # Attention scores are SDPA ops, or batched matmuls where SDPA decomposes (on the meta device);
+    # a UNet's linear layers and convolutions are never bmm.
+    attention = sum(v for op, v in counts["Global"].items() if "attention" in str(op) or str(op) == "aten.bmm") // 2
     return MacCount(counter.get_total_flops() // 2, attention, per_module)
 
 
