@@ -42,14 +42,15 @@ def test_teacher_saves_a_stock_pipeline_with_its_local_tokenizer_and_grids_per_c
 def test_distillation_with_incubation_resumes_exactly(teacher_run, tmp_path):
     model = {"teacher": str(teacher_run), "plan": "asdm", "asdm": {"gri_window": 4, "gri_pool": 2},
              "incubation_steps": 1}
-    straight = train(recipe(tmp_path, "straight", "sd_distill", model, max_steps=4))
+    # Steps 0, 1, 2 incubate stages 0, 1, 2: the resumed run must continue with stage 2, not restart at 0.
+    straight = train(recipe(tmp_path, "straight", "sd_distill", model, max_steps=3))
     train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=2))
-    resumed = train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=4), resume=True)
+    resumed = train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=3), resume=True)
     assert resumed.resumed_from == 2
     a = load_file(straight.output_dir / "model" / "model.safetensors")
     b = load_file(resumed.output_dir / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert int(a["micro_steps"]) == 4
+    assert int(a["micro_steps"]) == 3
     assert straight.metrics["plan"] == "asdm" and straight.metrics["unet_parameters"] < \
         straight.metrics["teacher_unet_parameters"]
 
