@@ -164,18 +164,25 @@ def table(results: dict) -> str:
 
 
 def redundancy(args) -> list[dict]:
-    if args.teacher_run:
-        unet = UNet2DConditionModel.from_pretrained(Path(args.teacher_run) / "pipeline" / "unet").eval()
-        size, tokens = unet.config.sample_size, 8
-    else:
-        unet = random_unet("cpu", torch.float32)
-        size, tokens = 64, 77
-    generator = torch.Generator().manual_seed(1)
-    batch = args.redundancy_batch
-    inputs = (torch.randn(batch, unet.config.in_channels, size, size, generator=generator),
-              torch.linspace(50, 950, batch).long(),
-              torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=generator))
-    return redundancy_report(unet, *inputs, output_change=bool(args.teacher_run), repeats=args.repeats)
+    """The report for the random SD-1.5 UNet (random latents and embeddings), or for a trained digits
+    teacher on noisy training digits with their class-name prompts."""
+    if not args.teacher_run:
+        generator = torch.Generator().manual_seed(1)
+        inputs = (torch.randn(1, 4, 64, 64, generator=generator), torch.tensor([500]),
+                  torch.randn(1, 77, 768, generator=generator))
+        return redundancy_report(random_unet("cpu", torch.float32), *inputs, output_change=False, repeats=args.repeats)
+    from genforge.data import build_dataset
+    from genforge.sd.method import _scheduler, load_text_to_image_pipeline
+    from genforge.sd.text import digit_prompt, encode_prompts
+
+    pipe = load_text_to_image_pipeline(Path(args.teacher_run) / "pipeline")
+    dataset = build_dataset("digits", split="train", image_size=pipe.unet.config.sample_size, resize="pad")
+    images, labels = dataset.images[:args.redundancy_batch], dataset.labels[:args.redundancy_batch]
+    timesteps = torch.linspace(20, 980, args.redundancy_batch).long()
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    noisy = _scheduler().add_noise(images, noise, timesteps)
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [digit_prompt(int(y)) for y in labels])
+    return redundancy_report(pipe.unet.eval(), noisy, timesteps, embeds, output_change=True, repeats=args.repeats)
 
 
 def redundancy_outputs(rows: list[dict], out: Path, name: str, title: str) -> str:
@@ -210,7 +217,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pipeline-variants", nargs="*", default=["bk-small", "asdm"], choices=list(VARIANTS))
     parser.add_argument("--skip-latency", action="store_true", help="only the redundancy report")
     parser.add_argument("--redundancy", action="store_true")
-    parser.add_argument("--redundancy-batch", type=int, default=1)
+    parser.add_argument("--redundancy-batch", type=int, default=256, help="digits teacher only")
     parser.add_argument("--teacher-run", help="a recipes/asdm/teacher_digits.yaml run directory (redundancy only)")
     parser.add_argument("--out", type=Path, default=Path("asdm_benchmark"))
     return parser.parse_args()
