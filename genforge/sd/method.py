@@ -21,6 +21,7 @@ agreement, like the class-conditional diffusion methods.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,11 @@ class TextToImageTeacher(Method):
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(self.model_keys), "model", self._source())
-        if not isinstance(model_cfg.get("unet", {}), dict):
+        unet = model_cfg.get("unet", {})
+        if not isinstance(unet, dict):
             raise ConfigError(f"{self._source()}: model.unet must be a mapping of UNet2DConditionModel arguments")
+        accepted = [p for p in inspect.signature(UNet2DConditionModel.__init__).parameters if p != "self"]
+        check_known_keys(unet, accepted, "model.unet", self._source())
         dropout = model_cfg.get("prompt_dropout", 0.1)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ConfigError(f"{self._source()}: model.prompt_dropout must be in [0, 1), got {dropout!r}")

@@ -56,6 +56,8 @@ def test_distillation_with_incubation_resumes_exactly(teacher_run, tmp_path):
 
 
 def test_distillation_recipe_errors_name_the_bad_value(teacher_run, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'model.unet.layers_per_blok'"):
+        recipe(tmp_path, "x", "sd_text_to_image", {"unet": {"layers_per_blok": 1}}, 1)
     with pytest.raises(ConfigError, match="model.teacher must be a finished sd_text_to_image run"):
         recipe(tmp_path, "x", "sd_distill", {"teacher": str(tmp_path)}, 1)
     with pytest.raises(ConfigError, match="model.plan 'bk-huge'"):
