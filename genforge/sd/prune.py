@@ -37,7 +37,6 @@ from dataclasses import dataclass, fields
 import torch
 from diffusers import UNet2DConditionModel
 
-from genforge.sd.configs import SD15_UNET_CONFIG
 
 __all__ = ["PLANS", "PlanError", "ASDMOptions", "student_config", "weight_map",
            "condconv_experts", "feature_layers", "prune"]
