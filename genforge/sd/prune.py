@@ -37,7 +37,6 @@ from dataclasses import dataclass, fields
 import torch
 from diffusers import UNet2DConditionModel
 
-
 __all__ = ["PLANS", "PlanError", "ASDMOptions", "student_config", "weight_map",
            "condconv_experts", "feature_layers", "prune"]
 
