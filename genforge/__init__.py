@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 _LAZY = {"DiMRModel": "genforge.models.dimr", "DiMRPipeline": "genforge.pipelines.dimr",
          "ClassConditionalPipeline": "genforge.pipelines.class_conditional",
          "ARFlowModel": "genforge.models.arflow", "ARFlowPipeline": "genforge.pipelines.arflow",
-         "SiTPipeline": "genforge.pipelines.arflow"}
+         "SiTPipeline": "genforge.pipelines.arflow", "ASDMUNet2DConditionModel": "genforge.sd.unet"}
 _SUBPACKAGES = ("backbones", "config", "core", "data", "distill", "kd", "methods", "metrics", "models",
-                "pipelines", "rewards", "train")
+                "pipelines", "rewards", "sd", "train")
 _ALIASES = {"reno": "genforge.pipelines.reno"}
 __all__ = [*_LAZY, *_SUBPACKAGES, *_ALIASES, "__version__"]
 

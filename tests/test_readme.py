@@ -29,6 +29,7 @@ TINY = [  # (README text, tiny setting): sizes and lengths only, never the calls
     ("steps=300", "steps=2"),
     ("n_iters=50", "n_iters=2"),
     ("n=50,", "n=2,"),
+    ("UNet2DConditionModel(**SD15_UNET_CONFIG)", 'UNet2DConditionModel(**UNET_CONFIGS["sd-like-tiny"])'),
 ]
 
 

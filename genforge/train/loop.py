@@ -302,6 +302,8 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
             save_checkpoint(accelerator, out, step, ema=ema, data_position=position,
                             keep=tc.keep_checkpoints)
             last_saved = step
+            if accelerator.is_main_process:
+                method.on_checkpoint(ema.module, out, step)
         if stopped_by_time:
             break
     progress.close()
@@ -310,6 +312,8 @@ def train(recipe: Recipe, *, resume: bool | str = False, resume_from=None,
     if last_saved != step:
         save_checkpoint(accelerator, out, step, ema=ema, data_position=position,
                         keep=tc.keep_checkpoints)
+        if accelerator.is_main_process:
+            method.on_checkpoint(ema.module, out, step)
     if stopped_by_time:
         message = (f"train.max_minutes={tc.max_minutes} CUT TRAINING SHORT at step {step} of "
                    f"{tc.max_steps}: this run is not the recipe's result (resume with --resume "

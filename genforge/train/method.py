@@ -7,7 +7,7 @@ override the hooks below and register the class with `@register_method("name")`.
 
 The loop calls, in order: `validate_model_config` (also at recipe load time),
 `build_model`, `parameter_groups`, `train_dataset`, then `training_step` once per
-micro-batch, and `on_train_end` once with the EMA weights. `training_step` must draw its
+micro-batch, `on_checkpoint` after each checkpoint and `on_train_end` once with the EMA weights. `training_step` must draw its
 randomness (noise, timesteps, masks) from torch's global RNG: the loop seeds it and
 restores it on resume, which is what makes a resumed run bitwise-identical.
 """
@@ -61,6 +61,10 @@ class Method:
     def training_step(self, model: torch.nn.Module, batch) -> tuple[Tensor, dict]:
         """Loss of one micro-batch (a mean over its samples) and scalars to log."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step()")
+
+    def on_checkpoint(self, ema_model: torch.nn.Module, output_dir: Path, step: int) -> None:
+        """Called on the main process after each checkpoint with the EMA weights (sample grids);
+        it must not draw from the global RNG, or a resumed run would differ."""
 
     def on_train_end(self, ema_model: torch.nn.Module, accelerator, output_dir: Path) -> dict:
         """Sample / evaluate with the EMA model; the returned metrics go to metrics.json."""

@@ -2,7 +2,7 @@
 
 The training loop knows no method by name. A method module decorates its `Method`
 subclass with `@register_method("name")`; the packages `genforge.methods` (the generic
-tasks) and `genforge.kd` (the knowledge-transfer families) import their modules so that
+tasks), `genforge.kd` (the knowledge-transfer families) and `genforge.sd` (SD compression) import their modules so that
 importing them registers all built-in methods. The registry imports those packages the
 first time a name is missing (or the list is asked for), so
 `load_recipe("recipes/dimr/digits.yaml")` works without the caller importing anything.
@@ -16,7 +16,7 @@ import importlib.util
 
 __all__ = ["RegistryError", "register_method", "get_method", "available_methods"]
 
-_BUILTIN_PACKAGES = ("genforge.methods", "genforge.kd")
+_BUILTIN_PACKAGES = ("genforge.methods", "genforge.kd", "genforge.sd")
 _METHODS: dict[str, type] = {}
 _builtins_imported = False
 

@@ -35,11 +35,12 @@ def test_unknown_method_lists_the_registered_ones():
 
 BUILT_IN = {"classifier", "diffusion_probe", "dimr", "dit", "unet2d", "arflow", "sit",  # genforge.methods
             "vq_tokenizer", "enat", "maskgit", "amused",  # genforge.methods.masked_tokens
-            "kd", "meal_v2", "reinforced", "specialists", "concentration", "m2mkd", "modular_student"}  # genforge.kd
+            "kd", "meal_v2", "reinforced", "specialists", "concentration", "m2mkd", "modular_student",  # genforge.kd
+            "sd_text_to_image", "sd_distill"}  # genforge.sd
 
 
 def test_every_built_in_method_registers_without_the_caller_importing_its_package():
-    """A fresh interpreter that imports only the training package finds the generic and the kd methods."""
+    """A fresh interpreter that imports only the training package finds the generic, kd and sd methods."""
     code = "from genforge.train import available_methods; print(' '.join(available_methods()))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -1,0 +1,66 @@
+"""The sd_text_to_image teacher and sd_distill (BK-SDM / A-SDM) methods through the training loop."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genforge.config import ConfigError, recipe_from_dict
+from genforge.sd.method import load_text_to_image_pipeline
+from genforge.sd.text import digit_prompt
+from genforge.train import train
+
+TINY_UNET = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
+
+
+def recipe(tmp_path, name, method, model, max_steps, checkpoint_every=100):
+    return recipe_from_dict({
+        "method": method, "seed": 0, "output_dir": str(tmp_path / name),
+        "data": {"name": "digits", "image_size": 8, "resize": "pad", "batch_size": 16},
+        "model": model,
+        "train": {"max_steps": max_steps, "lr": 1e-3, "checkpoint_every": checkpoint_every, "log_every": 1},
+        "sample": {"num_per_class": 1, "steps": 1, "guidance_scale": 2.0},
+        "eval": {"num_samples": 10, "batch_size": 10}})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sd")
+    train(recipe(tmp_path, "teacher", "sd_text_to_image", {"unet": TINY_UNET}, max_steps=2, checkpoint_every=1))
+    return tmp_path / "teacher"
+
+
+def test_teacher_saves_a_stock_pipeline_with_its_local_tokenizer_and_grids_per_checkpoint(teacher_run):
+    assert (teacher_run / "samples_step_0000001.png").is_file() and (teacher_run / "samples_step_0000002.png").is_file()
+    pipe = load_text_to_image_pipeline(teacher_run / "pipeline")
+    ids = pipe.tokenizer(digit_prompt(3)).input_ids
+    assert pipe.tokenizer.unk_token_id not in ids and len(ids) == 6  # <bos> a handwritten digit three <eos>
+    out = pipe(prompt=[digit_prompt(3)], num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 1, 8, 8)
+
+
+def test_distillation_with_incubation_resumes_exactly(teacher_run, tmp_path):
+    model = {"teacher": str(teacher_run), "plan": "asdm", "asdm": {"gri_window": 4, "gri_pool": 2},
+             "incubation_steps": 1}
+    # Steps 0, 1, 2 incubate stages 0, 1, 2: the resumed run must continue with stage 2, not restart at 0.
+    straight = train(recipe(tmp_path, "straight", "sd_distill", model, max_steps=3))
+    train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=2))
+    resumed = train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=3), resume=True)
+    assert resumed.resumed_from == 2
+    a = load_file(straight.output_dir / "model" / "model.safetensors")
+    b = load_file(resumed.output_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["micro_steps"]) == 3
+    assert straight.metrics["plan"] == "asdm" and straight.metrics["unet_parameters"] < \
+        straight.metrics["teacher_unet_parameters"]
+
+
+def test_distillation_recipe_errors_name_the_bad_value(teacher_run, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'model.unet.layers_per_blok'"):
+        recipe(tmp_path, "x", "sd_text_to_image", {"unet": {"layers_per_blok": 1}}, 1)
+    with pytest.raises(ConfigError, match="model.teacher must be a finished sd_text_to_image run"):
+        recipe(tmp_path, "x", "sd_distill", {"teacher": str(tmp_path)}, 1)
+    with pytest.raises(ConfigError, match="model.plan 'bk-huge'"):
+        recipe(tmp_path, "x", "sd_distill", {"teacher": str(teacher_run), "plan": "bk-huge"}, 1)
+    with pytest.raises(ConfigError, match="unknown asdm option"):
+        recipe(tmp_path, "x", "sd_distill", {"teacher": str(teacher_run), "plan": "asdm", "asdm": {"window": 4}}, 1)
