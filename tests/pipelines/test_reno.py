@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_clip_model, tiny_clip_text, tiny_sd_pipeline, tiny_vae
+from tiny_reno_models import tiny_clip_model, tiny_clip_text, tiny_sd_pipeline, tiny_vae
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerAncestralDiscreteScheduler, PixArtAlphaPipeline,
                        PixArtTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
 from tokenizers import Tokenizer, models, pre_tokenizers

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import tiny_clip_model, tiny_sd_pipeline
+from tiny_reno_models import tiny_clip_model, tiny_sd_pipeline
 from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 

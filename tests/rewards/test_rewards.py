@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_clip_model
+from tiny_reno_models import tiny_clip_model
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
 import genforge.rewards as rewards
