@@ -165,7 +165,7 @@ def digits(args) -> dict:
 def memory_probe(size: int, n_iters: int, checkpointing: str) -> dict:
     """One configuration in this (fresh) process: peak memory and seconds per iteration."""
     sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
-    from conftest import tiny_clip_model, write_clip_tokenizer
+    from tiny_reno_models import tiny_clip_model, write_clip_tokenizer
 
     from genforge.pipelines.reno import optimize, render
     from genforge.rewards import CLIPReward
