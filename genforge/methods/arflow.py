@@ -30,23 +30,18 @@ decoding them with the VAE for a grid and an Inception FID is not part of the ru
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel
 
 from genforge.config import ConfigError, check_known_keys
 from genforge.core.embed import drop_labels, null_class_of
-from genforge.data import build_dataset
-from genforge.methods.diffusion import check_network_section
+from genforge.methods.diffusion import ClassConditionalNetworkMethod, DiTNetwork, check_network_section
 from genforge.methods.sampling import evaluate_pipeline
 from genforge.models.arflow import ARFLOW_CONFIGS, ARFlowModel
-from genforge.models.dit import DIT_CONFIGS, dit_baseline
 from genforge.pipelines.arflow import SAMPLERS, ARFlowPipeline, SiTPipeline
-from genforge.pipelines.class_conditional import sample_shape
-from genforge.train import Method, register_method
+from genforge.train import register_method
 
 MODEL_DEFAULTS = {"config": "digits", "args": {}, "class_dropout": 0.1}
 
@@ -94,11 +89,9 @@ def sequence_times(batch: int, length: int, device) -> torch.Tensor:
     return torch.rand(batch, length, device=device).sort(dim=1).values
 
 
-class LinearPathMethod(Method):
+class LinearPathMethod(ClassConditionalNetworkMethod):
     """Shared by ARFlow and SiT: recipe checks, data, weight-decay groups and end-of-run sampling."""
 
-    model_class: type = None
-    named_configs: dict[str, dict] = {}
     pipeline_class: type = SiTPipeline
     defaults: dict = MODEL_DEFAULTS
 
@@ -110,32 +103,12 @@ class LinearPathMethod(Method):
                               f"{list(SAMPLERS)}")
         self.options = {**self.defaults, **recipe.model}
 
-    def _source(self) -> str:
-        return f"recipe for method {self.name!r}"
-
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(self.defaults), "model", self._source())
         check_network_section(model_cfg, self.named_configs, self.model_class, self._source())
         length = model_cfg.get("sequence_length", 1)
         if not isinstance(length, int) or length < 1:
             raise ConfigError(f"{self._source()}: model.sequence_length must be a positive int, got {length!r}")
-
-    def network_config(self) -> dict:
-        return {**copy.deepcopy(self.named_configs[self.options["config"]]), **copy.deepcopy(self.options["args"])}
-
-    def build_model(self) -> torch.nn.Module:
-        return self.model_class(**self.network_config())
-
-    def image_dataset(self) -> torch.utils.data.Dataset:
-        data = self.recipe.data
-        dataset = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
-                                resize=data.resize, channels=data.channels)
-        config = self.network_config()
-        expected = (config["in_channels"], *sample_shape(config["sample_size"]))
-        if (dataset.channels, dataset.image_size, dataset.image_size) != expected:
-            raise ConfigError(f"{self._source()}: data gives {dataset.channels}x{dataset.image_size}x"
-                              f"{dataset.image_size} images but the model expects {'x'.join(map(str, expected))}")
-        return dataset
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         return self.image_dataset()
@@ -179,14 +152,8 @@ class ARFlowMethod(LinearPathMethod):
 
 
 @register_method("sit")
-class SiTMethod(LinearPathMethod):
+class SiTMethod(DiTNetwork, LinearPathMethod):
     """SiT on diffusers' DiT: the same linear-path velocity objective, one image per item."""
-
-    model_class = DiTTransformer2DModel
-    named_configs = DIT_CONFIGS
-
-    def build_model(self) -> torch.nn.Module:
-        return dit_baseline(**self.network_config())
 
     def training_step(self, model, batch) -> tuple[torch.Tensor, dict]:
         images, labels = batch

@@ -78,11 +78,50 @@ def check_network_section(model_cfg: dict, named_configs: dict, model_class: typ
         raise ConfigError(f"{source}: model.class_dropout must be in [0, 1), got {dropout!r}")
 
 
-class ClassConditionalDiffusion(Method):
-    """DDPM epsilon-prediction training of a class-conditional network (one of the variants)."""
+class ClassConditionalNetworkMethod(Method):
+    """The network side every class-conditional image generator's method shares: the named config
+    plus ``model.args`` (:meth:`network_config`), the network, and the training images checked
+    against the network's input shape. Subclasses set ``model_class``, ``named_configs`` and ``options``."""
 
     model_class: type = None
     named_configs: dict[str, dict] = {}
+
+    def _source(self) -> str:
+        return f"recipe for method {self.name!r}"
+
+    def network_config(self) -> dict:
+        config = copy.deepcopy(self.named_configs[self.options["config"]])
+        return {**config, **copy.deepcopy(self.options["args"])}
+
+    def build_model(self) -> torch.nn.Module:
+        return self.model_class(**self.network_config())
+
+    def image_dataset(self) -> torch.utils.data.Dataset:
+        """The recipe's training split; ConfigError unless its images fit the network's input."""
+        data = self.recipe.data
+        dataset = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
+                                resize=data.resize, channels=data.channels)
+        config = self.network_config()
+        height, width = sample_shape(config["sample_size"])
+        if (dataset.channels, dataset.image_size, dataset.image_size) != (config["in_channels"], height, width):
+            raise ConfigError(f"{self._source()}: data gives {dataset.channels}x{dataset.image_size}x"
+                              f"{dataset.image_size} images but the model expects {config['in_channels']}x{height}x{width}")
+        return dataset
+
+
+class DiTNetwork:
+    """Mixin: diffusers' DiT with DiT's initialisation (:func:`genforge.models.dit.dit_baseline`) as the network."""
+
+    model_class = DiTTransformer2DModel
+    named_configs = DIT_CONFIGS
+
+    def build_model(self) -> torch.nn.Module:
+        return dit_baseline(**self.network_config())
+
+
+class ClassConditionalDiffusion(ClassConditionalNetworkMethod):
+    """DDPM epsilon-prediction training of a class-conditional network (one of the variants)."""
+
     default_schedule = "linear"
     pipeline_class: type = ClassConditionalPipeline
 
@@ -94,9 +133,6 @@ class ClassConditionalDiffusion(Method):
                               f"{list(SAMPLERS)}")
         self.options = {**MODEL_DEFAULTS, "beta_schedule": self.default_schedule, **recipe.model}
         self.noise_scheduler = self._noise_scheduler()
-
-    def _source(self) -> str:
-        return f"recipe for method {self.name!r}"
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(MODEL_KEYS), "model", self._source())
@@ -116,23 +152,8 @@ class ClassConditionalDiffusion(Method):
                 kwargs[key] = float(self.options[key])
         return DDPMScheduler(**kwargs)
 
-    def network_config(self) -> dict:
-        config = copy.deepcopy(self.named_configs[self.options["config"]])
-        return {**config, **copy.deepcopy(self.options["args"])}
-
-    def build_model(self) -> torch.nn.Module:
-        return self.model_class(**self.network_config())
-
     def train_dataset(self) -> torch.utils.data.Dataset:
-        data = self.recipe.data
-        dataset = build_dataset(data.name, split="train", root=data.root, image_size=data.image_size,
-                                resize=data.resize, channels=data.channels)
-        config = self.network_config()
-        height, width = sample_shape(config["sample_size"])
-        if (dataset.channels, dataset.image_size, dataset.image_size) != (config["in_channels"], height, width):
-            raise ConfigError(f"{self._source()}: data gives {dataset.channels}x{dataset.image_size}x"
-                              f"{dataset.image_size} images but the model expects {config['in_channels']}x{height}x{width}")
-        return dataset
+        return self.image_dataset()
 
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
         return model(noisy, timesteps, class_labels=labels)
@@ -175,14 +196,8 @@ class DiMRMethod(ClassConditionalDiffusion):
 
 
 @register_method("dit")
-class DiTMethod(ClassConditionalDiffusion):
+class DiTMethod(DiTNetwork, ClassConditionalDiffusion):
     """diffusers' DiT (arXiv 2212.09748, adaLN-Zero) with DiT's initialisation and the same objective."""
-
-    model_class = DiTTransformer2DModel
-    named_configs = DIT_CONFIGS
-
-    def build_model(self) -> torch.nn.Module:
-        return dit_baseline(**self.network_config())
 
 
 @register_method("unet2d")
