@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--classes", type=int, nargs="*", help="class rows; every class when none is given")
     sample.add_argument("--per-class", type=_positive_int, default=10, help="samples per class (grid columns)")
     sample.add_argument("--steps", type=_positive_int, default=25, help="sampler steps")
-    sample.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance w (1 = off)")
+    sample.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance scale: w in eps_u + w (eps_c - eps_u) "
+                        "for diffusion and flow pipelines (1 = off); w in l_c + w (l_c - l_u) on the logits of "
+                        "ENAT / MaskGIT / aMUSEd token pipelines (0 = off)")
     sample.add_argument("--scheduler", choices=SAMPLERS, help="override the saved sampler; the saved one when not given")
     sample.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     sample.add_argument("--batch-size", type=_positive_int, default=500, help="images per pipeline call")
