@@ -170,6 +170,16 @@ def _prompts_and_batch(pipe, prompt) -> tuple[object, int]:
     return list(prompt), len(prompt)
 
 
+def _reward_targets(pipe, prompts: list, reward_prompt) -> list:
+    """What the rewards score against: ``reward_prompt`` (one per prompt), or the prompts."""
+    if reward_prompt is None:
+        return prompts
+    targets, _ = _prompts_and_batch(pipe, reward_prompt)
+    if len(targets) != len(prompts):
+        raise ValueError(f"reward_prompt must give one target per prompt ({len(prompts)}), got {len(targets)}")
+    return targets
+
+
 @contextmanager
 def _on(reward: Reward, device: torch.device, offload: bool):
     """``reward`` on ``device`` inside the block; back on the CPU after it when ``offload``."""
@@ -238,7 +248,7 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
              seed: int = 0, latents: torch.Tensor | None = None, num_inference_steps: int = 1,
              guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
              gradient_checkpointing: bool = True, offload_rewards: bool = False, progress: bool = False,
-             call_kwargs: Mapping | None = None) -> RenoResult:
+             call_kwargs: Mapping | None = None, reward_prompt=None) -> RenoResult:
     """Optimise the initial noise of ``pipe`` for ``prompt`` (a string or list of strings; class
     labels for a class-conditional pipeline) under ``rewards`` = {name: weight}.
 
@@ -246,7 +256,10 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
     weights_dir / name)``. ``latents`` (B, C, h, w) default to N(0, I) drawn with ``seed`` and
     are kept in fp32 whatever the pipeline's dtype. ``offload_rewards`` keeps the reward models
     on the CPU except while each one runs. ``call_kwargs`` go to the pipeline's ``__call__`` as
-    they are (e.g. ``use_resolution_binning=False`` for PixArt). Returns a :class:`RenoResult`.
+    they are (e.g. ``use_resolution_binning=False`` for PixArt). ``reward_prompt`` (default:
+    ``prompt``) is what the rewards score against, one per latent, when it differs from what the
+    pipeline is conditioned on, e.g. a class reward on an unconditional render (ours; officially
+    both are the prompt). Returns a :class:`RenoResult`.
     """
     if n_iters < 1 or lr <= 0 or grad_clip <= 0 or reg_weight < 0:
         raise ValueError(f"need n_iters >= 1, lr > 0, grad_clip > 0, reg_weight >= 0; got n_iters={n_iters}, "
@@ -255,6 +268,7 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     _check_pipeline(pipe)
     prompts, batch = _prompts_and_batch(pipe, prompt)
+    targets = _reward_targets(pipe, prompts, reward_prompt)
     active = _resolve_rewards(rewards, models, weights_dir)
     prepare_pipeline(pipe, gradient_checkpointing)
     device = pipe.device
@@ -272,7 +286,7 @@ def optimize(pipe, prompt, rewards: Mapping[str, float], *, models: Mapping[str,
                        guidance_scale=guidance_scale, generator=generator, **(call_kwargs or {}))
         step = iteration != n_iters - 1
         detached = image.detach().requires_grad_(step)
-        losses = _reward_losses(detached, prompts, active, device, offload_rewards, backward=step)
+        losses = _reward_losses(detached, targets, active, device, offload_rewards, backward=step)
         best.update(iteration, image, z, losses)
         record = {**losses, "norm": z.detach().float().flatten(1).norm(dim=1)}
         if step:
@@ -290,14 +304,16 @@ def best_of_n(pipe, prompt, rewards: Mapping[str, float], n: int, *, models: Map
               weights_dir: str | Path | None = None, seed: int = 0, latents: torch.Tensor | None = None,
               num_inference_steps: int = 1, guidance_scale: float = 1.0, height: int | None = None,
               width: int | None = None, offload_rewards: bool = False, progress: bool = False,
-              call_kwargs: Mapping | None = None) -> RenoResult:
+              call_kwargs: Mapping | None = None, reward_prompt=None) -> RenoResult:
     """The official ``imageselect`` baseline: render ``n`` random latents (the first is the one
     :func:`optimize` starts from with the same ``seed``, the rest fresh N(0, I) draws) and keep,
-    per prompt, the image of lowest total reward loss. ``history`` has one entry per candidate."""
+    per prompt, the image of lowest total reward loss (scored against ``reward_prompt`` when
+    given, as in :func:`optimize`). ``history`` has one entry per candidate."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     _check_pipeline(pipe)
     prompts, batch = _prompts_and_batch(pipe, prompt)
+    targets = _reward_targets(pipe, prompts, reward_prompt)
     active = _resolve_rewards(rewards, models, weights_dir)
     prepare_pipeline(pipe)
     device = pipe.device
@@ -313,7 +329,7 @@ def best_of_n(pipe, prompt, rewards: Mapping[str, float], n: int, *, models: Map
         generator = torch.Generator(device).manual_seed(seed)
         image = render(pipe, z.to(device), prompts, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, generator=generator, **(call_kwargs or {}))
-        losses = _reward_losses(image, prompts, active, device, offload_rewards, backward=False)
+        losses = _reward_losses(image, targets, active, device, offload_rewards, backward=False)
         best.update(candidate, image, z, losses)
         history.append({**{k: v.cpu() for k, v in losses.items()}, "seconds": torch.tensor(time.perf_counter() - start)})
     return best.result(history)

@@ -180,6 +180,25 @@ def test_on_a_digits_pipeline_the_classifier_reward_rises(kind):
     assert all(p.grad is None for p in pipe.model.parameters())
 
 
+def test_a_reward_prompt_scores_an_unconditional_render_against_the_wanted_class():
+    pipe, reward = digits_pipe("unet"), load("digits-cnn")
+    null = [10, 10]  # the pipeline's unconditional label; the reward wants 3 and 8
+    result = optimize(pipe, null, {"digits-cnn": 1.0}, n_iters=2, num_inference_steps=2, reward_prompt=[3, 8])
+    generator = torch.Generator().manual_seed(0)
+    unconditional = pipe(class_labels=null, latents=result.initial_latents, num_inference_steps=2, generator=generator,
+                         output_type="pt", return_dict=False)[0]
+    assert torch.allclose(result.initial_images, unconditional, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(result.initial_rewards["digits-cnn"], reward.loss(unconditional, [3, 8]), atol=1e-5)
+        assert not torch.allclose(result.initial_rewards["digits-cnn"], reward.loss(unconditional, [8, 3]), atol=1e-3)
+    select = best_of_n(pipe, null, {"digits-cnn": 1.0}, n=2, num_inference_steps=2, reward_prompt=[3, 8])
+    assert torch.allclose(select.initial_rewards["total"], result.initial_rewards["total"], atol=1e-6)
+    with pytest.raises(ValueError, match="one target per prompt"):
+        optimize(pipe, null, {"digits-cnn": 1.0}, n_iters=1, reward_prompt=[3])
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\)"):  # the null label is no class for the reward
+        optimize(pipe, null, {"digits-cnn": 1.0}, n_iters=1)
+
+
 @pytest.mark.parametrize("build, call_kwargs", [(sdxl_pipe, {}),
                                                 (pixart_pipe, {"use_resolution_binning": False, "clean_caption": False,
                                                                "max_sequence_length": 16})])
