@@ -53,6 +53,30 @@ def test_a_saved_text_to_image_pipeline_runs_with_rewards_from_a_weights_dir(tmp
     assert record["prompt"] == "a red cat" and record["best"]["clip"] <= record["initial"]["clip"]
 
 
+def test_a_missing_pipeline_is_trained_first_by_the_named_train_recipe(tmp_path, capsys):
+    train = {"method": "dimr", "seed": 0, "output_dir": "ignored: reno sets it",
+             "data": {"name": "digits", "image_size": 8, "batch_size": 16},
+             "model": {"config": "digits_tiny"},
+             "train": {"max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+             "sample": {"num_per_class": 1, "steps": 2}, "eval": {"num_samples": 10}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    (tmp_path / "prompts.txt").write_text("5\n")
+    run_dir = tmp_path / "runs" / "dimr"
+    recipe = write_recipe(tmp_path, run_dir / "pipeline", {"digits-cnn": 1.0}, train_recipe=str(tmp_path / "train.yaml"))
+    assert main(["reno", str(recipe), "--prompts", str(tmp_path / "prompts.txt"), "--no-progress"]) == 0
+    assert f"{run_dir / 'pipeline'} not found: training it with" in capsys.readouterr().out
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir()  # the training run, 2 steps, wrote the pipeline ...
+    assert json.loads((run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] == "DiMRPipeline"
+    (record,) = json.loads((tmp_path / "out" / "rewards.json").read_text())  # ... and ReNO ran on it
+    assert record["prompt"] == 5 and record["best"]["total"] <= record["initial"]["total"]
+    train["model"]["config"] = "no-such-size"  # a training run that fails stops the ReNO run with one line
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    recipe = write_recipe(tmp_path, tmp_path / "other" / "pipeline", {"digits-cnn": 1.0},
+                          train_recipe=str(tmp_path / "train.yaml"))
+    assert main(["reno", str(recipe), "--prompts", str(tmp_path / "prompts.txt"), "--no-progress"]) == 2
+    assert f"training {tmp_path / 'train.yaml'} failed" in capsys.readouterr().err
+
+
 def test_the_shipped_recipes_load_and_bad_ones_fail_in_one_line(tmp_path, capsys):
     for path in RECIPES.glob("*.yaml"):
         load_reno_recipe(path)
