@@ -188,25 +188,32 @@ def step_seconds(recipes: list[str], probe_steps: int) -> list[float]:
 
 def run_vs_sit(args: argparse.Namespace) -> None:
     recipes = ["recipes/arflow/digits.yaml", "recipes/arflow/sit_digits.yaml"]
-    arflow_s, sit_s = step_seconds(recipes, args.probe_steps)
-    sit_steps = round(args.steps * arflow_s / sit_s)
-    print(f"seconds per step side by side: ARFlow {arflow_s:.3f}, SiT {sit_s:.3f}; budgets: ARFlow {args.steps}, "
-          f"SiT {sit_steps} steps\n", flush=True)
+    if args.sit_steps is None:
+        arflow_s, sit_s = step_seconds(recipes, args.probe_steps)
+        sit_steps = round(args.steps * arflow_s / sit_s)
+        print(f"seconds per step side by side: ARFlow {arflow_s:.3f}, SiT {sit_s:.3f}; ", end="")
+    else:
+        sit_steps = args.sit_steps
+    print(f"budgets: ARFlow {args.steps}, SiT {sit_steps} steps\n", flush=True)
     results = {}
     for path, steps in zip(recipes, (args.steps, sit_steps)):
         for seed in args.seeds:
             out = Path(args.output_dir) / f"{Path(path).stem}_seed{seed}"
             command = [sys.executable, "-m", "genforge.train", path, "--max-steps", str(steps), "--output-dir",
                        str(out), "--set", f"seed={seed}"]
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True, text=True)
+            start, wall = time.perf_counter(), float("nan")
+            if (out / "checkpoints" / f"step_{steps:07d}").is_dir() and (out / "metrics.json").is_file():
+                print(f"{out}: finished at step {steps}, not run again (wall time not re-measured)")
+            else:
+                subprocess.run(command, check=True, capture_output=True, text=True)
+                wall = time.perf_counter() - start
             metrics = json.loads((out / "metrics.json").read_text())
-            results.setdefault(path, []).append((metrics["fid"], metrics["classifier_agreement"],
-                                                 time.perf_counter() - start))
+            results.setdefault(path, []).append((metrics["fid"], metrics["classifier_agreement"], wall))
             print(f"{path} seed {seed}: {results[path][-1]}", flush=True)
     print("\n| recipe | steps | FID (digits CNN) | agreement | wall time of the run (s) |\n|---|---:|---:|---:|---:|")
     for path, steps in zip(recipes, (args.steps, sit_steps)):
         fid, agreement, wall = zip(*results[path])
+        wall = [w for w in wall if w == w] or [float("nan")]  # runs timed in this call only
         spread = lambda xs: f"{statistics.fmean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")  # noqa: E731
         print(f"| {path} | {steps} | {spread(fid)} | {spread(agreement)} | {spread(wall)} |")
 
@@ -223,6 +230,8 @@ def main() -> None:
     vs = commands.add_parser("vs-sit", help="ARFlow vs SiT on digits at equal wall time")
     vs.add_argument("--steps", type=int, default=500, help="ARFlow's step budget")
     vs.add_argument("--probe-steps", type=int, default=10)
+    vs.add_argument("--sit-steps", type=int, help="SiT's step budget (default: ARFlow's times the seconds-per-step "
+                    "ratio measured side by side now); give the first run's to add seeds to it")
     vs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     vs.add_argument("--output-dir", default="runs/arflow_vs_sit")
     rss = commands.add_parser("measure-rss", help=argparse.SUPPRESS)
