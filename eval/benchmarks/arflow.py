@@ -8,7 +8,8 @@ Three subcommands, each printing markdown tables for docs/benchmarks.md:
   (:func:`genforge.core.attention.attention`, SDPA's flash kernel on CPU, which never forms the
   score matrix) and materialised (:func:`naive_attention`, the (L x L) matrix). Time: median of
   ``--repeats`` calls; peak memory: growth of the peak resident set of a fresh interpreter during
-  one forward + backward (the method of eval/benchmarks/attention.py, whose helpers are used).
+  one forward + backward (the method of eval/benchmarks/attention.py, whose helpers are used,
+  with glibc's mmap threshold fixed at 64 KiB so that it follows the live tensors; see peak_mib).
   The exponent a of cost ~ chunks^a is a least-squares fit in log-log over the five sizes.
 - ``sampling``: the cost of one sampling step as the carried state absorbs more iterates. The
   ARFlow ``digits`` network (random weights) samples 250 SDE steps with CFG; every network call
@@ -87,8 +88,15 @@ def measure_rss(name: str, chunks: int) -> None:
 
 
 def peak_mib(name: str, chunks: int) -> float:
+    """Peak RSS growth of one forward + backward in a fresh interpreter whose glibc malloc maps
+    every block over 64 KiB on its own (``MALLOC_MMAP_THRESHOLD_``) and unmaps it when freed. With
+    glibc's default, dynamic threshold, freed blocks below the largest freed so far stay in the
+    heap, so the high-water mark depends on the order of allocations (it varied by +-10 MiB
+    between identical runs of the hybrid); with a fixed threshold it follows the live tensors
+    (+-0.1 MiB)."""
     command = [sys.executable, os.path.abspath(__file__), "measure-rss", name, str(chunks)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return float(result.stdout.strip().splitlines()[-1])
 
 

@@ -381,17 +381,22 @@ def chunk_linear_attention(
     b, h, length, d = q.shape
     scale = d**-0.5 if scale is None else scale
     qc = q.to(dtype).reshape(b, h, num_chunks, n, d)
-    kc = (k.to(dtype) * scale).reshape(b, h, num_chunks, n, d)
+    kc = k.to(dtype).reshape(b, h, num_chunks, n, d)
     vc = v.to(dtype).reshape(b, h, num_chunks, n, v.shape[-1])
     g = log_gate.to(dtype).reshape(b, h, num_chunks, n)
-    kv = kc.transpose(-1, -2) @ vc  # (B, H, S, D, Dv): one batched matmul for every chunk
+    # (B, H, S, D, Dv): one batched matmul for every chunk, scaled after it so that no scaled copy
+    # of k is kept for the backward
+    kv = (kc.transpose(-1, -2) @ vc) * scale
     decay = g.mean(-1).exp()[..., None, None]  # (B, H, S, 1, 1): gamma_m
     current = q.new_zeros(b, h, d, v.shape[-1], dtype=dtype) if state is None else state.to(dtype)
-    states = []
-    for m in range(num_chunks):  # the scan over chunks: S_{m+1} = gamma_m S_m + kv_m
-        states.append(current)
-        current = decay[:, :, m] * current + kv[:, :, m]
-    cross = (qc * g.cumsum(-1).exp()[..., None]) @ torch.stack(states, dim=2)  # (B, H, S, N, Dv)
+    reads = []
+    # the scan over chunks, S_{m+1} = gamma_m S_m + kv_m, reading q_m S_m on the way. unbind, not
+    # indexing: the backward of S indexings would build S full-size zero gradients (a cost
+    # quadratic in the chunks); reading each S_m as it is made keeps no stacked copy of the states
+    for q_m, gamma, kv_m in zip(qc.unbind(2), decay.unbind(2), kv.unbind(2)):
+        reads.append(q_m @ current)
+        current = gamma * current + kv_m
+    cross = torch.stack(reads, dim=2) * g.cumsum(-1).exp()[..., None]  # (B, H, S, N, Dv): q_i e^{G_i} S_m
     return cross.reshape(b, h, length, v.shape[-1]).to(q.dtype), current
 
 
