@@ -8,6 +8,9 @@ and the recipe names a ``train_recipe``, that training recipe is run first (its 
 pipeline). The run writes, under ``output_dir``: ``images/NNNN.png`` (the optimised image of
 prompt N), ``rewards.json`` (per prompt: the initial and best reward losses, the best
 iteration, seconds) and ``side_by_side.png`` (one row per prompt: initial | optimised).
+``unconditional: true`` (class-conditional pipelines) renders every latent with the pipeline's
+null class and leaves the wanted class to the rewards (``reward_prompt`` of
+:func:`~genforge.pipelines.reno.optimize`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class RenoRecipe:
     dtype: str = "float32"
     device: str = "auto"
     batch_size: int = field(default=1, metadata={"min": 1})
+    unconditional: bool = False
     optimize: RenoOptions = field(default_factory=RenoOptions)
 
 
@@ -130,6 +134,7 @@ def _upscaled(images: torch.Tensor, min_size: int = 64) -> torch.Tensor:
 def run_reno_recipe(recipe: RenoRecipe, prompts_file, progress: bool = True) -> list[dict]:
     """Optimise every prompt of ``prompts_file``; writes the images, ``rewards.json`` and
     ``side_by_side.png`` to ``recipe.output_dir`` and returns the per-prompt records."""
+    from genforge.core.embed import null_class_of
     from genforge.pipelines import ClassConditionalPipeline
     from genforge.pipelines.reno import optimize
     from genforge.rewards import load
@@ -137,7 +142,11 @@ def run_reno_recipe(recipe: RenoRecipe, prompts_file, progress: bool = True) -> 
     weights_dir = Path(recipe.weights_dir) if recipe.weights_dir else None
     models = {name: load(name, weights_dir / name if weights_dir else None) for name, w in recipe.rewards.items() if w}
     pipe = load_pipeline(recipe)
-    prompts = read_prompts(prompts_file, isinstance(pipe, ClassConditionalPipeline))
+    class_conditional = isinstance(pipe, ClassConditionalPipeline)
+    if recipe.unconditional and not class_conditional:
+        raise ValueError(f"unconditional: true needs a class-conditional pipeline, {recipe.pipeline} holds a "
+                         f"{type(pipe).__name__}")
+    prompts = read_prompts(prompts_file, class_conditional)
     out = Path(recipe.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, pairs = [], []
@@ -145,8 +154,9 @@ def run_reno_recipe(recipe: RenoRecipe, prompts_file, progress: bool = True) -> 
     for start in range(0, len(prompts), recipe.batch_size):
         batch = prompts[start:start + recipe.batch_size]
         begin = time.perf_counter()
-        result = optimize(pipe, batch, recipe.rewards, models=models, seed=recipe.seed + start,
-                          **asdict(recipe.optimize))
+        condition = [null_class_of(pipe.model)] * len(batch) if recipe.unconditional else batch
+        result = optimize(pipe, condition, recipe.rewards, models=models, seed=recipe.seed + start,
+                          reward_prompt=batch, **asdict(recipe.optimize))
         seconds = (time.perf_counter() - begin) / len(batch)
         for i, prompt in enumerate(batch):
             index = start + i

@@ -4,6 +4,7 @@ reward directories, writing images, per-prompt rewards and the initial-vs-optimi
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from tiny_reno_models import tiny_clip_model, tiny_sd_pipeline
@@ -12,7 +13,9 @@ from PIL import Image
 
 from genforge.cli import main
 from genforge.pipelines import ClassConditionalPipeline
+from genforge.pipelines.reno import latent_shape
 from genforge.pipelines.reno_recipe import load_reno_recipe
+from genforge.rewards import load
 
 RECIPES = Path(__file__).parents[2] / "recipes" / "reno"
 
@@ -39,6 +42,28 @@ def test_digits_prompts_give_images_rewards_and_a_side_by_side_png(tmp_path):
     assert all(r["best"]["total"] <= r["initial"]["total"] for r in records)
     assert Image.open(out / "images" / "0002.png").size == (8, 8)
     assert Image.open(out / "side_by_side.png").size == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2)  # 3 rows: initial | best
+
+
+def test_unconditional_renders_the_null_class_and_rewards_the_prompt_class(tmp_path, clip_tokenizer):
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8,
+                        num_class_embeds=11)
+    pipe = ClassConditionalPipeline(model=model, scheduler=DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(tmp_path / "pipeline")
+    (tmp_path / "prompts.txt").write_text("3\n7\n")
+    recipe = write_recipe(tmp_path, tmp_path / "pipeline", {"digits-cnn": 1.0}, batch_size=2, unconditional=True)
+    assert main(["reno", str(recipe), "--prompts", str(tmp_path / "prompts.txt"), "--no-progress"]) == 0
+    records = json.loads((tmp_path / "out" / "rewards.json").read_text())
+    z = torch.randn(latent_shape(pipe, 2), generator=torch.Generator().manual_seed(0))  # the recipe's seed 0
+    null = pipe(class_labels=[10, 10], latents=z, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="pt", return_dict=False)[0]
+    with torch.no_grad():
+        expected = load("digits-cnn").loss(null, [3, 7])
+    assert [r["initial"]["total"] for r in records] == pytest.approx(expected.tolist(), abs=1e-5)
+    tiny_sd_pipeline(clip_tokenizer).save_pretrained(tmp_path / "sd")
+    recipe = write_recipe(tmp_path, tmp_path / "sd", {"digits-cnn": 1.0}, unconditional=True)
+    assert main(["reno", str(recipe), "--prompts", str(tmp_path / "prompts.txt"), "--no-progress"]) == 2
 
 
 def test_a_saved_text_to_image_pipeline_runs_with_rewards_from_a_weights_dir(tmp_path, clip_tokenizer):
