@@ -13,7 +13,7 @@ import genforge.data.latents as latents_mod
 from genforge.cli import main as cli_main
 from genforge.data import build_dataset
 from genforge.data.folder import ImageFolderDataset
-from genforge.data.latents import LatentsDataset, cache_latents
+from genforge.data.latents import LatentsDataset, cache_latents, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,8 @@ def test_cli_caches_posteriors_of_images_and_flips_with_labels(vae_dir, images_d
     torch.testing.assert_close(cat("moments").float(), expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(cat("moments_flip").float(), expected_flip, atol=2e-3, rtol=2e-3)
     assert cat("labels").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    manifest = read_manifest(out)  # where a run finds its VAE and its FID reference, wherever it starts
+    assert (manifest["vae"], manifest["images"]) == (str(vae_dir.resolve()), str(images_dir.resolve()))
 
     data = build_dataset("latents", root=str(out), image_size=8)
     assert (len(data), data.channels, data.image_size, data.num_classes) == (9, 4, 8, 3)
