@@ -93,7 +93,8 @@ def cache_latents(vae_dir: str | Path, images: str | Path, out: str | Path, *, i
     dataset = ImageFolderDataset(images, image_size=image_size, channels=3)
     out = Path(out)
     manifest = {"vae": str(Path(vae_dir).resolve()), "scaling_factor": float(vae.config.scaling_factor),
-                "images": str(Path(images).resolve()), "image_size": image_size, "classes": dataset.classes, "num_images": len(dataset),
+                "images": str(Path(images).resolve()), "image_size": image_size, "classes": dataset.classes,
+                "num_images": len(dataset),
                 "shard_size": shard_size}
     _check_manifest(out, manifest)
     out.mkdir(parents=True, exist_ok=True)

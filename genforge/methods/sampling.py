@@ -191,7 +191,8 @@ def score_samples(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe) ->
         if judge is None:
             return metrics
         extractor = judge[0]
-    fidelity = compute_fidelity(real, images, feature_extractor=extractor, inception_weights=evaluation.inception_weights,
-                                batch_size=evaluation.batch_size, feature_layer=evaluation.feature_layer)
+    fidelity = compute_fidelity(real, images, feature_extractor=extractor,
+                                inception_weights=evaluation.inception_weights, batch_size=evaluation.batch_size,
+                                feature_layer=evaluation.feature_layer)
     metrics["fid"] = float(fidelity["fid"])
     return metrics

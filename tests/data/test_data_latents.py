@@ -7,6 +7,7 @@ an Inception FID against the cached images, and missing end-of-run inputs refuse
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from genforge.data.latents import LatentsDataset, cache_latents, read_manifest
 from genforge.data.transforms import signed_to_uint8
 from genforge.metrics import compute_fidelity
 from genforge.train import train
+
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +169,8 @@ def check_latent_run_outputs(run, vae_dir, recipe, **call):
     assert np.abs(images.astype(int) - signed_to_uint8(decoded).numpy().astype(int)).max() <= 1
     grid = decoded_pipeline_samples(run, vae_dir, [0, 1, 2], recipe.seed, **call)
     save_class_grid(grid, 1, run / "expected_grid.png", upscale=1)  # one row per class, full size
-    drawn, expected = (np.asarray(Image.open(run / name)).astype(int) for name in ("samples_grid.png", "expected_grid.png"))
+    drawn, expected = (np.asarray(Image.open(run / name)).astype(int)
+                       for name in ("samples_grid.png", "expected_grid.png"))
     assert drawn.shape == expected.shape == (3 * 18 + 2, 20, 3) and np.abs(drawn - expected).max() <= 1
     return json.loads((run / "sample_metrics.json").read_text()), decoded
 
@@ -174,7 +178,7 @@ def check_latent_run_outputs(run, vae_dir, recipe, **call):
 def test_an_arflow_latent_run_decodes_its_samples_and_scores_them_against_the_cached_images(
         vae_dir, images_dir, inception_weights_file, tmp_path):
     cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
-    recipe = latent_run("recipes/arflow/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file,
+    recipe = latent_run(RECIPES / "arflow/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file,
                         **{"model.sequence_length": 3})
     result = train(recipe)
     assert result.steps == 2 and result.final_loss > 0
@@ -189,7 +193,7 @@ def test_an_arflow_latent_run_decodes_its_samples_and_scores_them_against_the_ca
 
 def test_a_dimr_latent_run_decodes_its_samples_and_a_judge_gives_no_fid_on_latents(vae_dir, images_dir, tmp_path):
     cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
-    recipe = latent_run("recipes/dimr/imagenet_latents.yaml", cache, tmp_path / "run", None,
+    recipe = latent_run(RECIPES / "dimr/imagenet_latents.yaml", cache, tmp_path / "run", None,
                         **{"eval.feature_extractor": "digits-cnn", "eval.feature_layer": None})
     assert train(recipe).steps == 2
     metrics, _ = check_latent_run_outputs(tmp_path / "run", vae_dir, recipe, guidance_scale=1.4,
@@ -197,17 +201,20 @@ def test_a_dimr_latent_run_decodes_its_samples_and_a_judge_gives_no_fid_on_laten
     assert metrics == {"num_samples": 4}  # the recipe comments say so: no FID, no agreement on latents
 
 
-@pytest.mark.parametrize("weights", [None, "missing/pt_inception.pth"])
-def test_an_inception_eval_without_its_weights_file_is_refused_before_training(weights, vae_dir, images_dir,
-                                                                              tmp_path, capsys):
-    cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
-    status = cli_main(["train", "recipes/arflow/imagenet_latents.yaml", "--set", f"data.root={cache}",
-                       "--set", f"eval.inception_weights={weights}" if weights else "eval.inception_weights=null",
-                       "--output-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip()
-    assert status == 2 and len(err.splitlines()) == 1
-    assert f"eval.inception_weights {weights!r} is not a file" in err
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("recipe_file", [RECIPES / "arflow" / "imagenet_latents.yaml",
+                                         RECIPES / "dimr" / "imagenet_latents.yaml"], ids=["arflow", "dimr"])
+def test_a_shipped_latent_recipe_loads_only_with_an_existing_inception_weights_file(recipe_file, inception_weights_file,
+                                                                                    tmp_path, capsys):
+    from genforge.config import load_recipe
+
+    load_recipe(recipe_file, overrides={"eval.inception_weights": inception_weights_file})  # its model section is valid
+    for weights in (None, "missing/pt_inception.pth"):
+        status = cli_main(["train", str(recipe_file), "--set", f"eval.inception_weights={weights or 'null'}",
+                           "--output-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1
+        assert f"eval.inception_weights {weights!r} is not a file" in err
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("gone", ["vae", "images"])
@@ -218,7 +225,7 @@ def test_a_cache_whose_vae_or_image_folder_is_gone_is_refused_before_training(go
     copies = {"vae": shutil.copytree(vae_dir, tmp_path / "vae"), "images": shutil.copytree(images_dir, tmp_path / "im")}
     cache = cache_latents(copies["vae"], copies["images"], tmp_path / "cache", image_size=16, shard_size=4,
                           progress=False)
-    recipe = latent_run("recipes/dimr/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file)
+    recipe = latent_run(RECIPES / "dimr/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file)
     shutil.rmtree(copies[gone])
     missing = repr(str(copies[gone].resolve()))
     with pytest.raises(ConfigError, match=re.escape(missing) + " that the latent cache .* does not exist"):
