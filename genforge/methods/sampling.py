@@ -153,8 +153,9 @@ def evaluate_pipeline(pipe, num_classes: int, recipe: Recipe, output_dir: Path, 
     save_class_grid(grid, per_class, output_dir / "samples_grid.png", upscale=4 if decode is None else 1)
     labels = torch.arange(recipe.eval.num_samples) % num_classes
     # decoded samples are kept as uint8, batch by batch: 50k at 256 px take 9.8 GB instead of 39 GB as float
-    images = generate(sampler, labels, seed=recipe.seed + 1, desc="sampling for metrics",
-                      decode=decode and (lambda x: signed_to_uint8(decode(x))), **settings)
+    to_pixels = None if decode is None else (lambda x: signed_to_uint8(decode(x)))
+    images = generate(sampler, labels, seed=recipe.seed + 1, desc="sampling for metrics", decode=to_pixels,
+                      **settings)
     pixels = images if images.dtype == torch.uint8 else signed_to_uint8(images)
     np.savez_compressed(output_dir / "samples.npz", images=pixels.numpy(), labels=labels.numpy(),
                         resize=np.array(recipe.data.resize))  # how the reference is to be sized
