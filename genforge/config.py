@@ -90,11 +90,13 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """How generated samples are scored (FID features, sample count)."""
+    """How generated samples are scored (FID features, sample count). `feature_layer`: the FID
+    feature layer (default: the extractor's own, e.g. Inception's "2048"; "64" for a quick check)."""
 
     num_samples: int = field(default=1000, metadata={"min": 1})
     feature_extractor: str = "digits-cnn"
     inception_weights: Optional[str] = None
+    feature_layer: Optional[str] = None
     batch_size: int = field(default=256, metadata={"min": 1})
 
 

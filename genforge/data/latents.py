@@ -14,8 +14,9 @@ names the class and gives ``scaling_factor``); nothing is downloaded. Images are
 center crop to ``image_size``). We keep the square center crop of our image folders; the
 official uses ADM's crop, which equals it for images whose shorter side is ``image_size``.
 
-Cache layout (``OUT``): ``latents.json`` (VAE path, scaling factor, image size, classes, image
-count, shard size) and ``shard_NNNNN.safetensors`` files, each holding ``moments``,
+Cache layout (``OUT``): ``latents.json`` (VAE path, scaling factor, image folder, image size,
+classes, image count, shard size; the resolved paths let a run decode its samples and score them
+against the images the cache was made from) and ``shard_NNNNN.safetensors`` files, each holding ``moments``,
 ``moments_flip`` (float16, (n, 2c, h, w)) and ``labels`` (int64) of images
 [k * shard_size, (k + 1) * shard_size) in the folder's order (float16 halves the cache; the
 official stores float32 .npz files, one per image). Every shard is written atomically, so
@@ -92,7 +93,8 @@ def cache_latents(vae_dir: str | Path, images: str | Path, out: str | Path, *, i
     dataset = ImageFolderDataset(images, image_size=image_size, channels=3)
     out = Path(out)
     manifest = {"vae": str(Path(vae_dir).resolve()), "scaling_factor": float(vae.config.scaling_factor),
-                "image_size": image_size, "classes": dataset.classes, "num_images": len(dataset),
+                "images": str(Path(images).resolve()), "image_size": image_size, "classes": dataset.classes,
+                "num_images": len(dataset),
                 "shard_size": shard_size}
     _check_manifest(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,15 @@ def cache_latents(vae_dir: str | Path, images: str | Path, out: str | Path, *, i
     return out
 
 
+def read_manifest(root: str | Path) -> dict:
+    """The ``latents.json`` of the cache at ``root``; FileNotFoundError naming ``root`` if it has none."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} is not a latent cache (no {MANIFEST}); make one with "
+                                f"`genforge cache-latents --vae DIR --images FOLDER --out {root}`")
+    return json.loads(path.read_text())
+
+
 @lru_cache(maxsize=64)
 def _open_shard(path: str):
     return safe_open(path, framework="pt")
@@ -131,11 +142,7 @@ class LatentsDataset(Dataset):
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{root} is not a latent cache (no {MANIFEST}); make one with "
-                                    f"`genforge cache-latents --vae DIR --images FOLDER --out {root}`")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(root)
         self.shard_size, self.scaling_factor = manifest["shard_size"], manifest["scaling_factor"]
         num_shards = -(-manifest["num_images"] // self.shard_size)
         missing = [k for k in range(num_shards) if not _shard_path(self.root, k).is_file()]

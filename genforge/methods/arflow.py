@@ -23,9 +23,9 @@ The SiT baseline (``method: sit``; Ma et al., arXiv 2401.08740) is diffusers'
 trained on the same objective with one image per item, times t ~ U(0, 1) fed to its timestep
 embedding as they are, as SiT does. Both save their pipeline (:mod:`genforge.pipelines.arflow`)
 and are sampled, drawn and scored at the end of training like the DiMR recipes
-(:func:`genforge.methods.sampling.evaluate_pipeline`). A run on cached latents (``data.name:
-latents``, :mod:`genforge.data.latents`) saves its pipeline only: its samples are latents, and
-decoding them with the VAE for a grid and an Inception FID is not part of the run.
+(:func:`genforge.methods.sampling.evaluate_pipeline`); a run on cached latents (``data.name:
+latents``, :mod:`genforge.data.latents`) decodes its samples with the cache's VAE first and
+scores them against the cache's image folder.
 """
 
 from __future__ import annotations
@@ -124,9 +124,6 @@ class LinearPathMethod(ClassConditionalNetworkMethod):
             return {}
         ema_model.eval()
         pipe = self.pipeline_class(model=ema_model, sampler=self.recipe.sample.scheduler)
-        if self.recipe.data.name == "latents":  # samples are latents: no grid or FID without the VAE
-            pipe.save_pretrained(Path(output_dir) / "pipeline")
-            return {}
         return evaluate_pipeline(pipe, null_class_of(ema_model), self.recipe, Path(output_dir))
 
 

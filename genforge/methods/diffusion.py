@@ -17,7 +17,9 @@ The recipe's ``model:`` section holds ``config`` (a named network config), ``arg
 pipeline (:class:`~genforge.pipelines.DiMRPipeline` for DiMR, a
 :class:`~genforge.pipelines.ClassConditionalPipeline` otherwise), sampled into a per-class grid
 and scored (FID on digits-CNN features through torch-fidelity, and
-classifier agreement) by :mod:`genforge.methods.sampling`.
+classifier agreement) by :mod:`genforge.methods.sampling`; a run on cached latents (``data.name:
+latents``) decodes its samples with the cache's VAE first and scores them with Inception
+(:func:`genforge.methods.sampling.latent_decoder`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from genforge.config import ConfigError, check_known_keys
 from genforge.core.embed import drop_labels, null_class_of
 from genforge.core.norm import split_no_decay_parameters
 from genforge.data import build_dataset
-from genforge.methods.sampling import SAMPLERS, evaluate_class_conditional
+from genforge.methods.sampling import SAMPLERS, check_eval_inputs, evaluate_class_conditional
 from genforge.models.dimr import DIMR_CONFIGS, DiMRModel, dimr_config, multiscale_loss
 from genforge.models.dit import DIT_CONFIGS, dit_baseline
 from genforge.pipelines.class_conditional import ClassConditionalPipeline, sample_shape
@@ -81,10 +83,15 @@ def check_network_section(model_cfg: dict, named_configs: dict, model_class: typ
 class ClassConditionalNetworkMethod(Method):
     """The network side every class-conditional image generator's method shares: the named config
     plus ``model.args`` (:meth:`network_config`), the network, and the training images checked
-    against the network's input shape. Subclasses set ``model_class``, ``named_configs`` and ``options``."""
+    against the network's input shape. Subclasses set ``model_class``, ``named_configs`` and ``options``.
+    Construction refuses end-of-run inputs that are missing (:func:`~genforge.methods.sampling.check_eval_inputs`)."""
 
     model_class: type = None
     named_configs: dict[str, dict] = {}
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        check_eval_inputs(recipe, self._source())
 
     def _source(self) -> str:
         return f"recipe for method {self.name!r}"

@@ -4,6 +4,8 @@
 ``model(x, t, class_labels=y)`` with ``t`` repeated over the batch and an output with
 ``.sample`` (diffusers' ``DiTTransformer2DModel`` and ``UNet2DModel`` with a class table, our
 DiMR), and any diffusers scheduler, in the model's own (pixel or latent) space: no VAE.
+``output_type="latent"`` returns the final sample as it is (no [0, 1] mapping or clamping), for
+a model of VAE latents whose run decodes them (:func:`genforge.methods.sampling.latent_decoder`).
 A training run of the DiT or UNet baseline saves one; a DiMR run saves the
 :class:`~genforge.pipelines.dimr.DiMRPipeline`, which adds DiMR's guidance schedule.
 
@@ -59,8 +61,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def _sample(self, class_labels, guidance_scale, num_inference_steps, generator, output_type, return_dict,
                 latents):
         """:meth:`__call__` without ``no_grad``: ReNO differentiates through it."""
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         labels = torch.as_tensor(class_labels, device=self.device, dtype=torch.long).reshape(-1)
@@ -81,6 +83,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(x, t)
             eps = self._noise_prediction(model_input, t, labels, guidance_scale)
             x = self.scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
+        if output_type == "latent":
+            return ImagePipelineOutput(images=x) if return_dict else (x,)
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return ImagePipelineOutput(images=images) if return_dict else (images,)

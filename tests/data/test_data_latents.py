@@ -1,6 +1,13 @@
 """`genforge cache-latents` and the latents dataset: a tiny AutoencoderKL saved by the test, a tiny
-image folder, shards that match direct encoding, a killed run that resumes, and clear errors."""
+image folder, shards that match direct encoding, a killed run that resumes, and clear errors; and
+runs of the shipped latent recipes (ARFlow, DiMR) on such a cache: decoded grid, samples.npz and
+an Inception FID against the cached images, and missing end-of-run inputs refused before training."""
 
+
+import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +20,13 @@ import genforge.data.latents as latents_mod
 from genforge.cli import main as cli_main
 from genforge.data import build_dataset
 from genforge.data.folder import ImageFolderDataset
-from genforge.data.latents import LatentsDataset, cache_latents
+from genforge.data.grid import save_class_grid
+from genforge.data.latents import LatentsDataset, cache_latents, read_manifest
+from genforge.data.transforms import signed_to_uint8
+from genforge.metrics import compute_fidelity
+from genforge.train import train
+
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +71,8 @@ def test_cli_caches_posteriors_of_images_and_flips_with_labels(vae_dir, images_d
     torch.testing.assert_close(cat("moments").float(), expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(cat("moments_flip").float(), expected_flip, atol=2e-3, rtol=2e-3)
     assert cat("labels").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    manifest = read_manifest(out)  # where a run finds its VAE and its FID reference, wherever it starts
+    assert (manifest["vae"], manifest["images"]) == (str(vae_dir.resolve()), str(images_dir.resolve()))
 
     data = build_dataset("latents", root=str(out), image_size=8)
     assert (len(data), data.channels, data.image_size, data.num_classes) == (9, 4, 8, 3)
@@ -120,17 +135,99 @@ def test_a_directory_that_is_not_an_autoencoder_kl_is_refused_before_any_work(im
     assert not (tmp_path / "out").exists()
 
 
-def test_the_imagenet_latents_recipe_shape_trains_arflow_on_a_cache(vae_dir, images_dir, tmp_path):
-    from genforge.config import load_recipe, recipe_to_dict, recipe_from_dict
-    from genforge.pipelines import ARFlowPipeline, load_saved_pipeline
-    from genforge.train import train
+def latent_run(recipe_file, cache, run, weights, **overrides):
+    """A shipped latent recipe cut to 2 steps of a tiny network on ``cache``; eval on Inception's 64-d layer."""
+    from genforge.config import load_recipe
 
+    return load_recipe(recipe_file, overrides={
+        "output_dir": str(run), "data.root": str(cache), "data.image_size": 8, "data.batch_size": 2,
+        "data.num_workers": 0, "model.config": "tiny", "model.args": {"num_classes": 3}, "train.max_steps": 2,
+        "train.mixed_precision": "no", "train.checkpoint_every": 2, "train.warmup_steps": 0,
+        "sample.num_per_class": 1, "sample.steps": 3, "eval.num_samples": 4, "eval.batch_size": 4,
+        "eval.inception_weights": weights, "eval.feature_layer": "64", **overrides})
+
+
+def decoded_pipeline_samples(run, vae_dir, labels, seed, **call):
+    """The run's saved pipeline sampled as one batch from ``seed`` and decoded by hand with the VAE."""
+    from genforge.pipelines import load_saved_pipeline
+
+    pipe = load_saved_pipeline(run / "pipeline")
+    latents = pipe(class_labels=labels, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                   **call).images
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def check_latent_run_outputs(run, vae_dir, recipe, **call):
+    """samples.npz and the grid hold the saved pipeline's samples decoded with the cache's VAE (RGB at
+    16 px, twice the 8x8 latents); returns the run's metrics and the decoded metric samples."""
+    with np.load(run / "samples.npz") as npz:
+        images, labels = npz["images"], npz["labels"]
+    assert images.dtype == np.uint8 and images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 1, 2, 0]
+    decoded = decoded_pipeline_samples(run, vae_dir, labels.tolist(), recipe.seed + 1, **call)
+    assert np.abs(images.astype(int) - signed_to_uint8(decoded).numpy().astype(int)).max() <= 1
+    grid = decoded_pipeline_samples(run, vae_dir, [0, 1, 2], recipe.seed, **call)
+    save_class_grid(grid, 1, run / "expected_grid.png", upscale=1)  # one row per class, full size
+    drawn, expected = (np.asarray(Image.open(run / name)).astype(int)
+                       for name in ("samples_grid.png", "expected_grid.png"))
+    assert drawn.shape == expected.shape == (3 * 18 + 2, 20, 3) and np.abs(drawn - expected).max() <= 1
+    return json.loads((run / "sample_metrics.json").read_text()), decoded
+
+
+def test_an_arflow_latent_run_decodes_its_samples_and_scores_them_against_the_cached_images(
+        vae_dir, images_dir, inception_weights_file, tmp_path):
     cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
-    spec = recipe_to_dict(load_recipe("recipes/arflow/imagenet_latents.yaml"))
-    spec.update(output_dir=str(tmp_path / "run"))
-    spec["data"].update(root=str(cache), image_size=8, batch_size=2, num_workers=0)
-    spec["model"].update(config="tiny", sequence_length=3)
-    spec["train"].update(max_steps=2, mixed_precision="no", checkpoint_every=2)
-    result = train(recipe_from_dict(spec))
+    recipe = latent_run(RECIPES / "arflow/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file,
+                        **{"model.sequence_length": 3})
+    result = train(recipe)
     assert result.steps == 2 and result.final_loss > 0
-    assert isinstance(load_saved_pipeline(tmp_path / "run" / "pipeline"), ARFlowPipeline)
+    metrics, decoded = check_latent_run_outputs(tmp_path / "run", vae_dir, recipe, guidance_scale=1.5,
+                                                num_inference_steps=3)
+    reference = ImageFolderDataset(images_dir, image_size=16)  # the folder the cache was made from
+    expected = compute_fidelity(reference, decoded, feature_extractor="inception-v3-compat",
+                                inception_weights=inception_weights_file, feature_layer="64")["fid"]
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-3) and metrics["fid"] > 0
+    assert "classifier_agreement" not in metrics  # latents have no judge
+
+
+def test_a_dimr_latent_run_decodes_its_samples_and_a_judge_gives_no_fid_on_latents(vae_dir, images_dir, tmp_path):
+    cache = cache_latents(vae_dir, images_dir, tmp_path / "cache", image_size=16, shard_size=4, progress=False)
+    recipe = latent_run(RECIPES / "dimr/imagenet_latents.yaml", cache, tmp_path / "run", None,
+                        **{"eval.feature_extractor": "digits-cnn", "eval.feature_layer": None})
+    assert train(recipe).steps == 2
+    metrics, _ = check_latent_run_outputs(tmp_path / "run", vae_dir, recipe, guidance_scale=1.4,
+                                          num_inference_steps=3)
+    assert metrics == {"num_samples": 4}  # the recipe comments say so: no FID, no agreement on latents
+
+
+@pytest.mark.parametrize("recipe_file", [RECIPES / "arflow" / "imagenet_latents.yaml",
+                                         RECIPES / "dimr" / "imagenet_latents.yaml"], ids=["arflow", "dimr"])
+def test_a_shipped_latent_recipe_loads_only_with_an_existing_inception_weights_file(recipe_file, inception_weights_file,
+                                                                                    tmp_path, capsys):
+    from genforge.config import load_recipe
+
+    load_recipe(recipe_file, overrides={"eval.inception_weights": inception_weights_file})  # its model section is valid
+    for weights in (None, "missing/pt_inception.pth"):
+        status = cli_main(["train", str(recipe_file), "--set", f"eval.inception_weights={weights or 'null'}",
+                           "--output-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1
+        assert f"eval.inception_weights {weights!r} is not a file" in err
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("gone", ["vae", "images"])
+def test_a_cache_whose_vae_or_image_folder_is_gone_is_refused_before_training(gone, vae_dir, images_dir,
+                                                                             inception_weights_file, tmp_path):
+    from genforge.config import ConfigError
+
+    copies = {"vae": shutil.copytree(vae_dir, tmp_path / "vae"), "images": shutil.copytree(images_dir, tmp_path / "im")}
+    cache = cache_latents(copies["vae"], copies["images"], tmp_path / "cache", image_size=16, shard_size=4,
+                          progress=False)
+    recipe = latent_run(RECIPES / "dimr/imagenet_latents.yaml", cache, tmp_path / "run", inception_weights_file)
+    shutil.rmtree(copies[gone])
+    missing = repr(str(copies[gone].resolve()))
+    with pytest.raises(ConfigError, match=re.escape(missing) + " that the latent cache .* does not exist"):
+        train(recipe)  # a recipe validated while the folder was there
+    assert not (tmp_path / "run").exists()

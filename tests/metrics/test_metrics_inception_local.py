@@ -1,7 +1,8 @@
 """FID with torch-fidelity's Inception-v3 built from a LOCAL weights file, with no network.
 
-The weights are random: the file is made from the module's own layer definitions, so it has
-exactly the keys and shapes torch-fidelity's loader expects. Inception at 299 px is slow on
+The weights are random (the ``inception_weights_file`` fixture of tests/conftest.py): the file is
+made from the module's own layer definitions, so it has exactly the keys and shapes
+torch-fidelity's loader expects. Inception at 299 px is slow on
 a CPU, so the tests use 8 images per set and the early ``"64"`` feature layer; the loading
 path (``feature_extractor_weights_path``) is the same as for the default ``"2048"`` layer.
 """
@@ -33,44 +34,27 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A random-initialised Inception state dict saved with torch.save, as torch-fidelity reads it."""
-    folder = tmp_path_factory.mktemp("inception")
-    empty = folder / "empty.pth"
-    torch.save({}, empty)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inception, "load_state_dict_from_url", _refuse)
-        mp.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        torch.manual_seed(0)
-        skeleton = inception.FeatureExtractorInceptionV3(NAME, ["64"], feature_extractor_weights_path=str(empty))
-    for module in skeleton.modules():  # He init keeps activations O(1), so distances are not ~0
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = folder / "inception_random.pth"
-    torch.save(skeleton.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def images():
     """8 digits and 8 uniform-noise images."""
     noise = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return DigitsDataset("test", image_size=16).images[:8], noise
 
 
-def test_fid_with_local_inception_weights_matches_the_frechet_distance_of_its_features(weights_file, images, frechet_reference):
+def test_fid_with_local_inception_weights_matches_the_frechet_distance_of_its_features(inception_weights_file, images,
+                                                                                      frechet_reference):
     a, b = images
-    fid = compute_fidelity(a, b, feature_extractor=NAME, inception_weights=weights_file,
+    fid = compute_fidelity(a, b, feature_extractor=NAME, inception_weights=inception_weights_file,
                            feature_layer="64")["fid"]
-    net = inception.FeatureExtractorInceptionV3(NAME, ["64"], feature_extractor_weights_path=weights_file)
+    net = inception.FeatureExtractorInceptionV3(NAME, ["64"],
+                                                feature_extractor_weights_path=inception_weights_file)
     fa, fb = (net(signed_to_uint8(x).expand(-1, 3, -1, -1))[0].double().numpy() for x in (b, a))
     assert fid > 0.01
     assert fid == pytest.approx(frechet_reference(fa, fb), rel=1e-4)
 
 
-def test_fid_with_local_inception_of_a_set_against_itself_is_zero(weights_file, images):
+def test_fid_with_local_inception_of_a_set_against_itself_is_zero(inception_weights_file, images):
     a, _ = images
-    fid = compute_fidelity(a, a, feature_extractor=NAME, inception_weights=weights_file,
+    fid = compute_fidelity(a, a, feature_extractor=NAME, inception_weights=inception_weights_file,
                            feature_layer="64")["fid"]
     assert abs(fid) < 1e-3
 
@@ -93,17 +77,17 @@ def test_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loads
     assert not marker.exists()
 
 
-def test_the_weights_file_is_opened_once_and_only_with_weights_only(weights_file, images, monkeypatch):
+def test_the_weights_file_is_opened_once_and_only_with_weights_only(inception_weights_file, images, monkeypatch):
     opened, real_load = [], torch.load
 
     def spy(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and str(f) == weights_file:
+        if isinstance(f, (str, os.PathLike)) and str(f) == inception_weights_file:
             opened.append(kwargs.get("weights_only"))
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
     a, b = images
-    compute_fidelity(a, b, feature_extractor=NAME, inception_weights=weights_file, feature_layer="64")
+    compute_fidelity(a, b, feature_extractor=NAME, inception_weights=inception_weights_file, feature_layer="64")
     assert opened == [True]  # torch-fidelity got the tensors, not the file
 
 
