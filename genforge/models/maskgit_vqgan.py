@@ -16,7 +16,10 @@ under the official names (the state dict loads as is):
   (from the coarsest) of blocks with nearest 2x upsampling + 3x3 conv, GroupNorm -> swish -> conv_out;
 - quantizer: nearest codebook row in L2 (no quant_conv / post_quant_conv).
 
-Images are in [0, 1] (ENAT clamps decoded samples to [0, 1]).
+Images are in [0, 1] (ENAT clamps decoded samples to [0, 1]) for :meth:`MaskGITVQGAN.encode` and
+:meth:`~MaskGITVQGAN.decode`, the official functions; :meth:`~MaskGITVQGAN.encode_to_ids` and
+:meth:`~MaskGITVQGAN.decode_ids` are the same maps in genforge's [-1, 1] range, the tokenizer
+interface of :mod:`genforge.models.tokenizers` that the token pipelines and token caching use.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from genforge.core.state_dict import load_state_dict_strict, read_state_dict
+from genforge.models.maskgit import check_token_ids
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -149,13 +153,25 @@ class MaskGITVQGAN(ModelMixin, ConfigMixin):
 
     def decode(self, ids: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, h*w) ids -> (B, C, H, W) images (unclamped; the official code clamps to [0, 1])."""
-        if ids.ndim != 2 or ids.shape[1] != height * width:
-            raise ValueError(f"ids must be (B, {height * width}) for a {height}x{width} grid; got {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.n_embed):
-            raise ValueError(f"code ids must lie in [0, {self.config.n_embed - 1}]; "
-                             f"got [{int(ids.min())}, {int(ids.max())}]")
+        check_token_ids(ids, self.config.n_embed, height * width, allow_mask=False)
         z = rearrange(self.quantize.embedding(ids), "b (h w) c -> b c h w", h=height, w=width)
         return self.decoder(z)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.config.n_embed)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config.in_channels)
+
+    def encode_to_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` of images in [-1, 1]."""
+        return self.encode((images + 1) / 2)
+
+    def decode_ids(self, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """:meth:`decode` on a ``grid = (h, w)``, mapped to [-1, 1] (unclamped)."""
+        return self.decode(ids, *grid) * 2 - 1
 
 
 def load_official_vqgan(path, **config) -> MaskGITVQGAN:

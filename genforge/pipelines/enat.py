@@ -1,7 +1,9 @@
 """Class-conditional sampling of masked-token generators: ENAT, its MaskGIT baseline, the aMUSEd peer.
 
-Both pipelines compose a token network and a diffusers ``VQModel`` tokenizer (with
-``lookup_from_codebook=True``, so codes decode directly) and run the official ENAT decoding
+Both pipelines compose a token network and a VQ tokenizer (``vqvae``: a diffusers ``VQModel`` with
+``lookup_from_codebook=True``, or the official MaskGIT VQGAN,
+:class:`~genforge.models.maskgit_vqgan.MaskGITVQGAN`; both decode through
+:func:`genforge.models.tokenizers.as_tokenizer`) and run the official ENAT decoding
 loop (``NATSchedule.generate``, :func:`genforge.models.maskgit.iterative_decode`): T steps from
 all-[MASK], the masking schedule (``schedule="cosine"``, official, or ``"linear"``), sampling
 temperature ``samp_temp`` and Gumbel re-masking temperature ``mask_temp``, both annealed by
@@ -27,6 +29,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from genforge.models.enat import ReuseCache
 from genforge.models.maskgit import check_decoding, check_labels, iterative_decode
+from genforge.models.tokenizers import as_tokenizer
 
 
 class MaskedTokenPipeline(DiffusionPipeline):
@@ -63,9 +66,7 @@ class MaskedTokenPipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> images in [0, 1], (B, C, H, W)."""
-        height, width = self.token_grid()
-        shape = (ids.shape[0], height, width, self.vqvae.config.vq_embed_dim or self.vqvae.config.latent_channels)
-        images = self.vqvae.decode(ids, force_not_quantize=True, shape=shape).sample
+        images = as_tokenizer(self.vqvae).decode_ids(ids, self.token_grid())
         return (images / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -316,7 +316,7 @@ def test_maskgit_vqgan_tokenizes_and_decodes_as_the_official_one():
         decoded = model.decode(ids, 8, 8)
     assert ids.tolist() == VQGAN_REFERENCE["ids"]
     torch.testing.assert_close(decoded.flatten(), torch.tensor(VQGAN_REFERENCE["decoded"]), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"code ids must lie in \[0, 63\]"):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 63\]"):
         model.decode(ids + 64, 8, 8)
 
 
