@@ -2,12 +2,18 @@
 its MaskGIT baseline and the aMUSEd peer.
 
 - ``vq_tokenizer``: a diffusers ``VQModel`` trained on images with reconstruction MSE plus
-  its codebook/commitment loss (VQ-VAE, van den Oord et al. 2017, arXiv 1711.00937, Eq. 3);
-  at the end the EMA tokenizer is saved to ``<output_dir>/tokenizer``, every training image is
+  its codebook/commitment loss (VQ-VAE, van den Oord et al. 2017, arXiv 1711.00937, Eq. 3),
+  or, with ``model.tokenizer: {path: DIR}`` and ``train.max_steps: 0``, a saved tokenizer used
+  as it is (the official MaskGIT VQGAN converted by
+  :func:`~genforge.models.maskgit_vqgan.load_official_vqgan` and saved with ``save_pretrained``);
+  at the end the tokenizer is saved to ``<output_dir>/tokenizer``, every training image is
   encoded once into token shards under ``<output_dir>/tokens``
-  (:func:`genforge.data.tokens.write_token_shards`, resumable) and the reconstruction MSE of
-  the train and test splits is scored. The official MaskGIT VQGAN is a fixed, pretrained
-  tokenizer; on digits we train our own.
+  (:func:`genforge.data.tokens.write_token_shards`, resumable; every process of an
+  ``accelerate launch`` writes its share of the shards; ``model.flip: true`` also caches each
+  image's horizontal flip, as the official ImageNet extraction does) and the reconstruction MSE
+  of the first ``eval.num_samples`` images of the train split (and of the test split, where the
+  dataset has one; image folders have none) is scored. Tokenizers are used through
+  :mod:`genforge.models.tokenizers`.
 - ``enat``: :class:`~genforge.models.enat.ENATModel` with ENAT's training step
   (:func:`~genforge.models.enat.enat_training_loss`: one Beta(12, 3) ratio per batch, the
   simulated previous step through the loop's EMA model with probability ``reuse_prob`` = 0.5).
@@ -25,6 +31,7 @@ recipes name the tokenizer run in ``model.tokenizer`` and sample with ``model.sa
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
@@ -33,17 +40,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AmusedScheduler, VQModel
+from torch.utils.data import DataLoader, Subset
 
 from genforge.config import ConfigError, check_known_keys
 from genforge.core.embed import drop_labels
 from genforge.core.io import write_json
 from genforge.data import build_dataset
 from genforge.data.grid import save_class_grid
-from genforge.data.tokens import TokenShards, write_token_shards
-from genforge.methods.sampling import evaluate_pipeline
+from genforge.data.tokens import TokenShards, shard_sequence_length, write_token_shards
+from genforge.methods.sampling import check_eval_inputs, evaluate_pipeline
 from genforge.models.amused_class import AmusedClassModel
 from genforge.models.enat import ENATModel, enat_training_loss
 from genforge.models.maskgit import MaskGITModel, masked_token_loss, random_masking
+from genforge.models.tokenizers import as_tokenizer, load_tokenizer
 from genforge.pipelines.enat import AmusedClassPipeline, ENATPipeline, MaskGITPipeline
 from genforge.train import Method, register_method
 
@@ -57,7 +66,8 @@ VQ_CONFIGS = {
 
 TOKEN_CONFIGS = {
     "enat": {"tiny": dict(width=64, encoder_depth=2, decoder_depth=1, num_heads=4),
-             "digits": dict(width=128, encoder_depth=6, decoder_depth=2, num_heads=4)},
+             "digits": dict(width=128, encoder_depth=6, decoder_depth=2, num_heads=4),
+             "L": dict(width=1024, encoder_depth=22, decoder_depth=2, num_heads=16)},
     "maskgit": {"tiny": dict(width=64, depth=3, num_heads=4),
                 "digits": dict(width=128, depth=8, num_heads=4)},
     "amused": {"tiny": dict(hidden_size=64, block_out_channels=32, num_res_blocks=1, block_num_heads=2,
@@ -67,21 +77,8 @@ TOKEN_CONFIGS = {
 }
 """Named token-network configs (codebook, grid and classes come from the tokenizer run);
 ``digits``: ENAT 6 + 2 blocks and MaskGIT 8 blocks at width 128, aMUSEd sized to MaskGIT's
-parameter count (docs/benchmarks.md lists the counts)."""
-
-
-def encode_to_ids(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) images in [-1, 1] -> (B, h*w) code ids, row-major."""
-    latents = vq.encode(images).latents
-    _, _, (_, _, indices) = vq.quantize(latents)
-    return indices.reshape(images.shape[0], -1)
-
-
-def decode_ids(vq: VQModel, ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) ids of a square grid -> images in [-1, 1] (unclamped)."""
-    side = math.isqrt(ids.shape[1])
-    shape = (ids.shape[0], side, side, vq.config.vq_embed_dim or vq.config.latent_channels)
-    return vq.decode(ids, force_not_quantize=True, shape=shape).sample
+parameter count (docs/benchmarks.md lists the counts); ``L``: ENAT-L (official ``--enc_dec 22 2
+--embed_dim 1024 --num_heads 16``; the only size whose settings are public)."""
 
 
 def _named_args(method: Method, model_cfg: dict, named: dict, model_class: type, keys: set) -> None:
@@ -98,13 +95,30 @@ def _named_args(method: Method, model_cfg: dict, named: dict, model_class: type,
 
 @register_method("vq_tokenizer")
 class VQTokenizerMethod(Method):
-    """Train a ``VQModel`` tokenizer, then cache every training image's tokens."""
+    """Train a ``VQModel`` tokenizer (or take a saved one), then cache every training image's tokens."""
+
+    def _source(self) -> str:
+        return f"recipe for method {self.name!r}"
 
     def validate_model_config(self, model_cfg: dict) -> None:
-        _named_args(self, model_cfg, VQ_CONFIGS, VQModel, {"config", "args", "shard_size"})
+        if not isinstance(model_cfg.get("flip", False), bool):
+            raise ConfigError(f"{self._source()}: model.flip must be true or false, got {model_cfg['flip']!r}")
+        if "tokenizer" not in model_cfg:
+            _named_args(self, model_cfg, VQ_CONFIGS, VQModel, {"config", "args", "shard_size", "flip"})
+            return
+        check_known_keys(model_cfg, ["tokenizer", "shard_size", "flip"], "model", self._source())
+        spec = model_cfg["tokenizer"]
+        if not isinstance(spec, dict) or set(spec) != {"path"}:
+            raise ConfigError(f"{self._source()}: model.tokenizer must be {{path: DIR}}, DIR a saved VQModel or "
+                              f"MaskGITVQGAN; got {spec!r}")
+        if self.recipe.train.max_steps != 0:
+            raise ConfigError(f"{self._source()}: a saved tokenizer (model.tokenizer.path) is used as it is; "
+                              f"train.max_steps must be 0, got {self.recipe.train.max_steps}")
 
-    def build_model(self) -> VQModel:
+    def build_model(self):
         model_cfg = self.recipe.model
+        if "tokenizer" in model_cfg:
+            return load_tokenizer(model_cfg["tokenizer"]["path"])
         return VQModel(**{**copy.deepcopy(VQ_CONFIGS[model_cfg.get("config", "digits")]), **model_cfg.get("args", {})})
 
     def _dataset(self, split: str):
@@ -124,26 +138,41 @@ class VQTokenizerMethod(Method):
 
     @torch.no_grad()
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
+        output_dir, data = Path(output_dir), self.recipe.data
+        tokenizer, device = as_tokenizer(ema_model.eval()), accelerator.device
+        if accelerator.is_main_process:
+            ema_model.save_pretrained(output_dir / "tokenizer")
+        train = self._dataset("train")
+        write_token_shards(lambda x: tokenizer.encode_to_ids(x.to(device)), train, output_dir / "tokens",
+                           shard_size=int(self.recipe.model.get("shard_size", 4096)), batch_size=data.batch_size,
+                           num_workers=data.num_workers, rank=accelerator.process_index,
+                           world=accelerator.num_processes, flip=bool(self.recipe.model.get("flip", False)))
+        accelerator.wait_for_everyone()  # every shard is on disk before anyone reads them
         if not accelerator.is_main_process:
             return {}
-        output_dir = Path(output_dir)
-        vq = ema_model.eval().to("cpu")
-        vq.save_pretrained(output_dir / "tokenizer")
-        train = self._dataset("train")
-        write_token_shards(lambda x: encode_to_ids(vq, x), train, output_dir / "tokens",
-                           shard_size=int(self.recipe.model.get("shard_size", 4096)))
         write_json(output_dir / "tokens" / "info.json", {"num_classes": int(train.num_classes)})
         metrics = {}
-        for split in ("train", "test"):
-            images = torch.stack([x for x, _ in self._dataset(split)])
-            ids = encode_to_ids(vq, images)
-            recon = decode_ids(vq, ids).clamp(-1, 1)
-            metrics[f"reconstruction_mse_{split}"] = float(F.mse_loss(recon, images))
-            if split == "test":
-                save_class_grid(torch.cat([images[:10], recon[:10]]), 10, output_dir / "reconstructions.png")
+        for split in ("train",) if data.name == "image_folder" else ("train", "test"):
+            metrics[f"reconstruction_mse_{split}"], pairs = self._reconstruction(tokenizer, split, device)
+        save_class_grid(pairs, pairs.shape[0] // 2, output_dir / "reconstructions.png")
         metrics["codes_used"] = int(torch.unique(TokenShards(output_dir / "tokens").tokens).numel())
         write_json(output_dir / "tokenizer_metrics.json", metrics, indent=2)
         return metrics
+
+    def _reconstruction(self, tokenizer, split: str, device) -> tuple[float, torch.Tensor]:
+        """MSE of the tokenizer's reconstructions of the first ``eval.num_samples`` images of ``split``,
+        and the first (up to) 10 images followed by their reconstructions."""
+        dataset = self._dataset(split)
+        subset = Subset(dataset, range(min(len(dataset), self.recipe.eval.num_samples)))
+        squared, count, shown = 0.0, 0, []
+        for images, _ in DataLoader(subset, batch_size=self.recipe.eval.batch_size):
+            ids = tokenizer.encode_to_ids(images.to(device))
+            side = math.isqrt(ids.shape[1])
+            recon = tokenizer.decode_ids(ids, (side, side)).clamp(-1, 1).float().cpu()
+            squared, count = squared + float((recon - images).pow(2).sum()), count + images.numel()
+            if not shown:
+                shown = [images[:10], recon[:10]]
+        return squared / count, torch.cat(shown)
 
 
 class TokenGeneratorMethod(Method):
@@ -153,6 +182,10 @@ class TokenGeneratorMethod(Method):
     pipeline_class: type
     extra_keys: set = set()
     sampling_keys: set = {"mask_temp", "samp_temp", "guidance_ramp", "schedule"}
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        check_eval_inputs(recipe, self._source())
 
     def _source(self) -> str:
         return f"recipe for method {self.name!r}"
@@ -170,14 +203,18 @@ class TokenGeneratorMethod(Method):
     def tokenizer_dir(self) -> Path:
         return Path(self.recipe.model["tokenizer"])
 
+    @functools.cached_property
+    def tokenizer(self):
+        """The tokenizer run's tokenizer network (a ``VQModel`` or a ``MaskGITVQGAN``)."""
+        return load_tokenizer(self.tokenizer_dir() / "tokenizer")
+
     def network_config(self) -> dict:
-        vq_config = VQModel.load_config(self.tokenizer_dir() / "tokenizer")
-        down = len(vq_config["block_out_channels"]) - 1
-        side = vq_config["sample_size"] // 2 ** down
-        info = json.loads((self.tokenizer_dir() / "tokens" / "info.json").read_text())
+        tokens = self.tokenizer_dir() / "tokens"
+        info = json.loads((tokens / "info.json").read_text())
         model_cfg = self.recipe.model
-        return {**TOKEN_CONFIGS[self.name][model_cfg.get("config", "digits")], "codebook_size":
-                vq_config["num_vq_embeddings"], "num_tokens": side * side, "num_classes": info["num_classes"],
+        return {**TOKEN_CONFIGS[self.name][model_cfg.get("config", "digits")],
+                "codebook_size": as_tokenizer(self.tokenizer).codebook_size,
+                "num_tokens": shard_sequence_length(tokens), "num_classes": info["num_classes"],
                 **model_cfg.get("args", {})}
 
     def build_model(self):
@@ -202,8 +239,7 @@ class TokenGeneratorMethod(Method):
         return self.loss(model, tokens, labels), {}
 
     def pipeline(self, model):
-        vq = VQModel.from_pretrained(self.tokenizer_dir() / "tokenizer").eval()
-        return self.pipeline_class(model=model, vqvae=vq)
+        return self.pipeline_class(model=model, vqvae=self.tokenizer.to(model.device))
 
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
         if not accelerator.is_main_process:
@@ -248,6 +284,5 @@ class AmusedMethod(TokenGeneratorMethod):
         return masked_token_loss(model(torch.where(masked, mask_id, tokens), labels).logits, tokens, masked)
 
     def pipeline(self, model):
-        vq = VQModel.from_pretrained(self.tokenizer_dir() / "tokenizer").eval()
         scheduler = AmusedScheduler(mask_token_id=model.config.codebook_size)
-        return AmusedClassPipeline(model=model, vqvae=vq, scheduler=scheduler)
+        return AmusedClassPipeline(model=model, vqvae=self.tokenizer.to(model.device), scheduler=scheduler)
