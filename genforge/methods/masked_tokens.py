@@ -255,6 +255,9 @@ class ENATMethod(TokenGeneratorMethod):
 
     model_class, pipeline_class = ENATModel, ENATPipeline
     extra_keys = {"reuse_prob", "ema_for_cond"}
+    # a step without the simulated previous step leaves PrevProj and the context projections idle, and each
+    # process draws its own (the official DDP also sets find_unused_parameters=True)
+    find_unused_parameters = True
 
     def loss(self, model, tokens, labels):
         options = self.recipe.model
