@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_folders import write_random_image_folder
 
 from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import ImageFolderDataset
@@ -40,13 +40,7 @@ def vqgan_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """3 class folders of 4 random RGB PNGs (12 x 10 px: resized and center-cropped to 8 x 8)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in ("ant", "bee", "cow"):
-        (root / name).mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return write_random_image_folder(tmp_path_factory.mktemp("images"), ("ant", "bee", "cow"), 4, 12, 10)
 
 
 def test_the_vqgan_tokenizes_and_decodes_for_the_enat_pipeline_and_round_trips(tmp_path):
@@ -116,7 +110,7 @@ def test_folder_tokens_are_cached_once_resume_after_a_kill_and_train_enat(vqgan_
     first = out / "tokens" / "shard_00000.safetensors"
     written = first.stat().st_mtime_ns
     monkeypatch.setattr(token_module, "save_file", real_save)
-    result = train(caching_recipe(vqgan_dir, folder, out), resume="auto")
+    result = train(caching_recipe(vqgan_dir, folder, out))  # the same command again
     assert first.stat().st_mtime_ns == written  # the shard of the killed run is kept
     assert sorted(p.name for p in (out / "tokens").glob("shard_*")) == [f"shard_0000{i}.safetensors" for i in range(3)]
     dataset = ImageFolderDataset(folder, image_size=8)
