@@ -76,16 +76,25 @@ def _shard_paths(directory: str | Path) -> list[Path]:
     return paths
 
 
+def _narrow(tokens: torch.Tensor) -> torch.Tensor:
+    """int16 when every id fits (codebooks up to 32768 codes), else as stored."""
+    return tokens.to(torch.int16) if tokens.numel() and int(tokens.max()) < 2 ** 15 else tokens
+
+
 class TokenShards(Dataset):
-    """``(tokens (L,) int64, label int)`` items from every shard in ``directory``."""
+    """``(tokens (L,) int64, label int)`` items from every shard in ``directory``. The ids are held
+    in memory as int16 where they fit (ImageNet's 2 x 1.28M grids of 256 ids: 1.3 GB, not 5.2 GB)."""
 
     def __init__(self, directory: str | Path):
-        shards = [load_file(str(path)) for path in _shard_paths(directory)]
-        self.tokens = torch.cat([s["tokens"] for s in shards])
-        self.labels = torch.cat([s["labels"] for s in shards])
+        tokens, labels = [], []
+        for path in _shard_paths(directory):
+            shard = load_file(str(path))
+            tokens.append(_narrow(shard["tokens"]))
+            labels.append(shard["labels"])
+        self.tokens, self.labels = torch.cat(tokens), torch.cat(labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.tokens[i], int(self.labels[i])
+        return self.tokens[i].long(), int(self.labels[i])

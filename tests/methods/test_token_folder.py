@@ -74,6 +74,7 @@ def test_shards_written_by_several_processes_are_those_of_one(tmp_path):
     one, two = TokenShards(tmp_path / "one"), TokenShards(tmp_path / "two")
     assert torch.equal(one.tokens, two.tokens) and torch.equal(one.labels, two.labels)
     assert torch.equal(one.tokens, encode(data.tensors[0]))
+    assert one.tokens.dtype == torch.int16 and one[4][0].dtype == torch.int64  # held narrow, served as int64 ids
     with pytest.raises(ValueError, match=r"rank must lie in \[0, 1\] for world=2; got 2"):
         write_token_shards(encode, data, tmp_path / "x", rank=2, world=2)
     # flip: each batch's images, then their horizontal flips, as items of their own (the official extraction)
