@@ -118,14 +118,22 @@ class VQTokenizerMethod(Method):
     def build_model(self):
         model_cfg = self.recipe.model
         if "tokenizer" in model_cfg:
-            return load_tokenizer(model_cfg["tokenizer"]["path"])
-        return VQModel(**{**copy.deepcopy(VQ_CONFIGS[model_cfg.get("config", "digits")]), **model_cfg.get("args", {})})
+            model = load_tokenizer(model_cfg["tokenizer"]["path"])
+        else:
+            model = VQModel(**{**copy.deepcopy(VQ_CONFIGS[model_cfg.get("config", "digits")]),
+                               **model_cfg.get("args", {})})
+        channels, expected = self.train_dataset().channels, as_tokenizer(model).in_channels
+        if channels != expected:
+            raise ConfigError(f"{self._source()}: data {self.recipe.data.name!r} gives {channels}-channel images but "
+                              f"the tokenizer takes {expected} channels (set data.channels: {expected})")
+        return model
 
     def _dataset(self, split: str):
         data = self.recipe.data
         return build_dataset(data.name, split=split, root=data.root, image_size=data.image_size, resize=data.resize,
                              channels=data.channels)
 
+    @functools.cache  # noqa: B019 -- one method object per run; a folder is walked once
     def train_dataset(self):
         return self._dataset("train")
 
@@ -142,7 +150,7 @@ class VQTokenizerMethod(Method):
         tokenizer, device = as_tokenizer(ema_model.eval()), accelerator.device
         if accelerator.is_main_process:
             ema_model.save_pretrained(output_dir / "tokenizer")
-        train = self._dataset("train")
+        train = self.train_dataset()
         write_token_shards(lambda x: tokenizer.encode_to_ids(x.to(device)), train, output_dir / "tokens",
                            shard_size=int(self.recipe.model.get("shard_size", 4096)), batch_size=data.batch_size,
                            num_workers=data.num_workers, rank=accelerator.process_index,
@@ -162,7 +170,7 @@ class VQTokenizerMethod(Method):
     def _reconstruction(self, tokenizer, split: str, device) -> tuple[float, torch.Tensor]:
         """MSE of the tokenizer's reconstructions of the first ``eval.num_samples`` images of ``split``,
         and the first (up to) 10 images followed by their reconstructions."""
-        dataset = self._dataset(split)
+        dataset = self.train_dataset() if split == "train" else self._dataset(split)
         subset = Subset(dataset, range(min(len(dataset), self.recipe.eval.num_samples)))
         squared, count, shown = 0.0, 0, []
         for images, _ in DataLoader(subset, batch_size=self.recipe.eval.batch_size):

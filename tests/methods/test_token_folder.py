@@ -150,6 +150,8 @@ def test_a_saved_tokenizer_is_used_as_it_is(vqgan_dir, folder, tmp_path):
         caching_recipe(vqgan_dir, folder, tmp_path, **{"model.tokenizer": str(vqgan_dir)})
     with pytest.raises(ValueError, match="not a saved tokenizer directory"):
         train(caching_recipe(tmp_path, folder, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="gives 1-channel images but the tokenizer takes 3 channels"):
+        train(caching_recipe(vqgan_dir, folder, tmp_path / "grey", **{"data.channels": 1}))
 
 
 def test_the_shipped_imagenet_recipes_chain_token_caching_into_enat(inception_weights_file):
