@@ -150,7 +150,7 @@ def evaluate_pipeline(pipe, num_classes: int, recipe: Recipe, output_dir: Path, 
     per_class = recipe.sample.num_per_class
     grid_labels = torch.arange(num_classes).repeat_interleave(per_class)
     grid = generate(sampler, grid_labels, seed=recipe.seed, desc="sampling grid", decode=decode, **settings)
-    save_class_grid(grid, per_class, output_dir / "samples_grid.png", upscale=4 if decode is None else 1)
+    save_class_grid(grid, per_class, output_dir / "samples_grid.png")
     labels = torch.arange(recipe.eval.num_samples) % num_classes
     # decoded samples are kept as uint8, batch by batch: 50k at 256 px take 9.8 GB instead of 39 GB as float
     to_pixels = None if decode is None else (lambda x: signed_to_uint8(decode(x)))
