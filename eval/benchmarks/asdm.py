@@ -17,6 +17,11 @@ latents (512 px), 77 text tokens, for the teacher and each student of
 
 Weights are N(0, 0.02) (speed does not depend on them); MACs are counted on the meta device.
 
+``--step-table``: only the pipeline step, for every plan of ``--variants``, as a ratio to the
+teacher measured in the same process: one warm-up teacher step, then teacher, plan 1, teacher,
+plan 2, ..., teacher; each plan's ratio is its step time over the mean of the two teacher steps
+around it (so both see the same machine load).
+
 The A-SDM rows separate its components: ``asdm`` (CLME-CondConv + GRI), ``asdm: CondConv only``,
 ``asdm: GRI only`` (both off is bk-small). Ratios are student / teacher from the same run.
 
@@ -90,6 +95,39 @@ def pipeline_step(unet, embeds):
     pipe.set_progress_bar_config(disable=True)
     return lambda: pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), num_inference_steps=1,
                         guidance_scale=7.5, output_type="latent", generator=torch.Generator().manual_seed(0))
+
+
+def step_table(args) -> dict:
+    """Pipeline-step seconds of each plan and of the teacher steps around it (see ``--step-table``)."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    teacher = random_unet(device, dtype)
+    embeds = torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    teacher_step = pipeline_step(teacher, embeds)
+    results = {}
+    with torch.inference_mode():
+        timed(teacher_step, device)  # warm-up
+        before = timed(teacher_step, device)
+        for name in args.variants:
+            plan, options = VARIANTS[name]
+            student = prune(teacher, plan, options).eval()
+            seconds = timed(pipeline_step(student, embeds), device)
+            del student
+            after = timed(teacher_step, device)
+            results[name] = {"step_s": seconds, "teacher_step_s": [before, after],
+                             "ratio": seconds / ((before + after) / 2)}
+            print(name, results[name], flush=True)
+            before = after
+    return results
+
+
+def step_markdown(results: dict) -> str:
+    lines = ["| UNet | pipeline step s | teacher step s (before, after) | step ratio | step faster |",
+             "|---|---:|---:|---:|---:|"]
+    for name, row in results.items():
+        before, after = row["teacher_step_s"]
+        lines.append(f"| {name} | {row['step_s']:.2f} | {before:.2f}, {after:.2f} | {row['ratio']:.2f} | "
+                     f"{1 - row['ratio']:.0%} |")
+    return "\n".join(lines)
 
 
 def macs(unet, inputs) -> tuple[int, int]:
@@ -216,6 +254,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pipeline-repeats", type=int, default=1)
     parser.add_argument("--pipeline-variants", nargs="*", default=["bk-small", "asdm"], choices=list(VARIANTS))
     parser.add_argument("--skip-latency", action="store_true", help="only the redundancy report")
+    parser.add_argument("--step-table", action="store_true",
+                        help="only the pipeline step of every --variants plan, ratios to the teacher")
     parser.add_argument("--redundancy", action="store_true")
     parser.add_argument("--redundancy-batch", type=int, default=256, help="digits teacher only")
     parser.add_argument("--teacher-run", help="a recipes/asdm/teacher_digits.yaml run directory (redundancy only)")
@@ -228,7 +268,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, batch "
           f"{args.batch}")
-    if not args.skip_latency:
+    if args.step_table:
+        results = step_table(args)
+        (args.out / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+        print(step_markdown(results))
+    elif not args.skip_latency:
         results = measure(args)
         (args.out / "latency.json").write_text(json.dumps(results, indent=1))
         print(table(results))
