@@ -18,9 +18,10 @@ latents (512 px), 77 text tokens, for the teacher and each student of
 Weights are N(0, 0.02) (speed does not depend on them); MACs are counted on the meta device.
 
 ``--step-table``: only the pipeline step, for every plan of ``--variants``, as a ratio to the
-teacher measured in the same process: one warm-up teacher step, then teacher, plan 1, teacher,
-plan 2, ..., teacher; each plan's ratio is its step time over the mean of the two teacher steps
-around it (so both see the same machine load).
+teacher measured in the same process: one warm-up teacher step, then ``--pipeline-repeats`` rounds
+of teacher, plan 1, teacher, plan 2, ..., teacher; a plan's ratio in a round is its step time over
+the mean of the two teacher steps around it (so both see the same machine load), and the table
+gives the median over rounds.
 
 The A-SDM rows separate its components: ``asdm`` (CLME-CondConv + GRI), ``asdm: CondConv only``,
 ``asdm: GRI only`` (both off is bk-small). Ratios are student / teacher from the same run.
@@ -103,30 +104,34 @@ def step_table(args) -> dict:
     teacher = random_unet(device, dtype)
     embeds = torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     teacher_step = pipeline_step(teacher, embeds)
-    results = {}
+    results = {name: {"step_s": [], "teacher_step_s": [], "ratios": []} for name in args.variants}
     with torch.inference_mode():
         timed(teacher_step, device)  # warm-up
         before = timed(teacher_step, device)
-        for name in args.variants:
-            plan, options = VARIANTS[name]
-            student = prune(teacher, plan, options).eval()
-            seconds = timed(pipeline_step(student, embeds), device)
-            del student
-            after = timed(teacher_step, device)
-            results[name] = {"step_s": seconds, "teacher_step_s": [before, after],
-                             "ratio": seconds / ((before + after) / 2)}
-            print(name, results[name], flush=True)
-            before = after
+        for _ in range(args.pipeline_repeats):
+            for name in args.variants:
+                plan, options = VARIANTS[name]
+                student = prune(teacher, plan, options).eval()
+                seconds = timed(pipeline_step(student, embeds), device)
+                del student
+                after = timed(teacher_step, device)
+                row = results[name]
+                row["step_s"].append(seconds)
+                row["teacher_step_s"].append([before, after])
+                row["ratios"].append(seconds / ((before + after) / 2))
+                row["ratio"] = statistics.median(row["ratios"])
+                print(name, seconds, before, after, flush=True)
+                before = after
     return results
 
 
 def step_markdown(results: dict) -> str:
-    lines = ["| UNet | pipeline step s | teacher step s (before, after) | step ratio | step faster |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| UNet | pipeline step s (per round) | teacher steps around it, s | ratio per round | median step "
+             "ratio | step faster |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in results.items():
-        before, after = row["teacher_step_s"]
-        lines.append(f"| {name} | {row['step_s']:.2f} | {before:.2f}, {after:.2f} | {row['ratio']:.2f} | "
-                     f"{1 - row['ratio']:.0%} |")
+        lines.append(f"| {name} | {', '.join(f'{t:.1f}' for t in row['step_s'])} | "
+                     f"{'; '.join(f'{a:.1f}, {b:.1f}' for a, b in row['teacher_step_s'])} | "
+                     f"{', '.join(f'{r:.2f}' for r in row['ratios'])} | {row['ratio']:.2f} | {1 - row['ratio']:.0%} |")
     return "\n".join(lines)
 
 
