@@ -91,7 +91,7 @@ def _pipeline(unet, tokenizer, text_encoder, scheduler, vae=None) -> StableDiffu
                                    scheduler=DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(unet.device)  # the pipeline runs on its first component's device: the text encoder's
 
 
 @torch.no_grad()

@@ -162,3 +162,19 @@ def test_the_sd15_recipe_loads_and_passes_the_data_checks_on_tiny_stand_ins(sd, 
     method = SDDistill(sd15)
     method.build_model()
     assert len(method.train_dataset()) == len(CAPTIONS)
+
+
+def test_a_pixel_space_teacher_trains_on_the_folder_with_a_tokenizer_over_its_captions(sd, tmp_path):
+    _, folder, _ = sd
+    result = train(recipe_from_dict({
+        "method": "sd_text_to_image", "seed": 0, "output_dir": str(tmp_path / "teacher"),
+        "data": {"name": "image_text", "root": str(folder), "image_size": 8, "batch_size": 4},
+        "model": {"unet": {"block_out_channels": [16, 32, 32], "norm_num_groups": 8, "in_channels": 3,
+                           "out_channels": 3}},
+        "train": {"max_steps": 1, "lr": 1e-3, "log_every": 1},
+        "sample": {"num_per_class": 1, "steps": 1, "prompts": PROMPTS}, "eval": {"batch_size": 4}}))
+    pipe = load_text_to_image_pipeline(result.output_dir / "pipeline")
+    ids = pipe.tokenizer(CAPTIONS + PROMPTS).input_ids
+    assert all(pipe.tokenizer.unk_token_id not in row for row in ids)
+    assert Image.open(result.output_dir / "samples_grid.png").size[1] == 2 + len(PROMPTS) * (8 * 4 + 2)
+    assert set(result.metrics) == {"unet_parameters"}  # no digits judge or FID on captioned data
