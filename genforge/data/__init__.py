@@ -25,7 +25,8 @@ from genforge.data.mnist5k import MNIST5kDataset
 from genforge.data.transforms import check_resize_mode
 
 __all__ = [
-    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "ImageTextFolderDataset", "LatentsDataset", "MNIST5kDataset", "RestrictedUnpickler",
+    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "ImageTextFolderDataset", "LatentsDataset", "MNIST5kDataset",
+    "RestrictedUnpickler",
     "build_dataset", "check_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
 ]
 

@@ -221,7 +221,9 @@ class TextToImageTeacher(Method):
 
     def grid_prompts(self) -> list[str]:
         """One row per prompt: the ten class names on digits, else ``sample.prompts``."""
-        prompts = [digit_prompt(i) for i in range(10)] if self.recipe.data.name == "digits" else self.recipe.sample.prompts
+        prompts = self.recipe.sample.prompts
+        if self.recipe.data.name == "digits":
+            prompts = [digit_prompt(i) for i in range(10)]
         return [p for p in prompts for _ in range(self.recipe.sample.num_per_class)]
 
     def on_checkpoint(self, ema_model, output_dir: Path, step: int) -> None:

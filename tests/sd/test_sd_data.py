@@ -16,6 +16,7 @@ from transformers import CLIPTextModel
 from genforge.cli import main as cli_main
 from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import build_dataset
+from genforge.data.latents import check_text_cache
 from genforge.sd.configs import UNET_CONFIGS
 from genforge.sd.method import SDDistill, load_text_to_image_pipeline
 from genforge.sd.text import encode_prompts, small_text_encoder, word_tokenizer
@@ -53,8 +54,9 @@ def sd(tmp_path_factory):
                                                                steps_offset=1, set_alpha_to_one=False),
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(root / "sd")
-    assert cli_main(["cache-latents", "--vae", str(root / "sd" / "vae"), "--text-encoder", str(root / "sd" / "text_encoder"),
-                     "--tokenizer", str(root / "sd" / "tokenizer"), "--images", str(folder), "--out", str(root / "cache"),
+    sd = root / "sd"
+    assert cli_main(["cache-latents", "--vae", str(sd / "vae"), "--text-encoder", str(sd / "text_encoder"),
+                     "--tokenizer", str(sd / "tokenizer"), "--images", str(folder), "--out", str(root / "cache"),
                      "--image-size", "16", "--shard-size", "3", "--device", "cpu"]) == 0
     return root / "sd", folder, root / "cache"
 
@@ -133,21 +135,21 @@ def test_distillation_on_the_cache_writes_grids_of_the_recipe_prompts_and_a_pipe
 
 def test_bad_data_is_refused_before_training(sd, tmp_path):
     teacher, folder, cache = sd
-    for part, make in (("text encoder", lambda tok: small_text_encoder(tok, 32, 1, seed=1)), ("VAE", None)):
-        other = tmp_path / f"other_{part[:3]}"
-        shutil.copytree(teacher, other)
-        if make is None:
-            tiny_vae(1).save_pretrained(other / "vae")
-        else:
-            make(load_text_to_image_pipeline(teacher).tokenizer).save_pretrained(other / "text_encoder")
-        with pytest.raises(ConfigError, match=f"made with another {part}"):
-            SDDistill(recipe(tmp_path / "x", other, "sd_latents", cache)).train_dataset()
+    pipe = load_text_to_image_pipeline(teacher)
+    with pytest.raises(ValueError, match="made with another VAE"):
+        check_text_cache(cache, tiny_vae(1), pipe.tokenizer, pipe.text_encoder)
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    small_text_encoder(pipe.tokenizer, 32, 1, seed=1).save_pretrained(other / "text_encoder")
+    with pytest.raises(ConfigError, match="made with another text encoder / tokenizer"):
+        SDDistill(recipe(tmp_path / "x", other, "sd_latents", cache)).train_dataset()
     uncaptioned = tmp_path / "uncaptioned"
     shutil.copytree(folder, uncaptioned)
     (uncaptioned / "3.txt").unlink()
     with pytest.raises(ConfigError, match=r"1 of 8 images have no caption, e.g. .*3.png' needs .*3.txt'"):
         SDDistill(recipe(tmp_path / "y", teacher, "image_text", uncaptioned)).train_dataset()
-    on_digits = SDDistill(recipe_from_dict({**spec(tmp_path / "z", teacher, "digits", folder), "data": {"name": "digits"}}))
+    on_digits = SDDistill(recipe_from_dict({**spec(tmp_path / "z", teacher, "digits", folder),
+                                            "data": {"name": "digits"}}))
     on_digits.build_model()
     with pytest.raises(ConfigError, match="data 'digits' gives 1-channel samples, the UNet takes in_channels=4"):
         on_digits.train_dataset()
