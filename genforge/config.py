@@ -80,12 +80,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """How the trained model is sampled at the end of training."""
+    """How the trained model is sampled at the end of training. `prompts`: the fixed prompts of the
+    sample grids of text-to-image runs on captioned data (one row each, `num_per_class` columns)."""
 
     num_per_class: int = field(default=10, metadata={"min": 1})
     steps: int = field(default=50, metadata={"min": 1})
     guidance_scale: float = 1.0
     scheduler: str = "ddim"
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass

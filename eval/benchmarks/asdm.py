@@ -17,6 +17,12 @@ latents (512 px), 77 text tokens, for the teacher and each student of
 
 Weights are N(0, 0.02) (speed does not depend on them); MACs are counted on the meta device.
 
+``--step-table``: only the pipeline step, for every plan of ``--variants``, as a ratio to the
+teacher measured in the same process: one warm-up teacher step, then ``--pipeline-repeats`` rounds
+of teacher, plan 1, teacher, plan 2, ..., teacher; a plan's ratio in a round is its step time over
+the mean of the two teacher steps around it (so both see the same machine load), and the table
+gives the median over rounds.
+
 The A-SDM rows separate its components: ``asdm`` (CLME-CondConv + GRI), ``asdm: CondConv only``,
 ``asdm: GRI only`` (both off is bk-small). Ratios are student / teacher from the same run.
 
@@ -90,6 +96,43 @@ def pipeline_step(unet, embeds):
     pipe.set_progress_bar_config(disable=True)
     return lambda: pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), num_inference_steps=1,
                         guidance_scale=7.5, output_type="latent", generator=torch.Generator().manual_seed(0))
+
+
+def step_table(args) -> dict:
+    """Pipeline-step seconds of each plan and of the teacher steps around it (see ``--step-table``)."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    teacher = random_unet(device, dtype)
+    embeds = torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    teacher_step = pipeline_step(teacher, embeds)
+    results = {name: {"step_s": [], "teacher_step_s": [], "ratios": []} for name in args.variants}
+    with torch.inference_mode():
+        timed(teacher_step, device)  # warm-up
+        before = timed(teacher_step, device)
+        for _ in range(args.pipeline_repeats):
+            for name in args.variants:
+                plan, options = VARIANTS[name]
+                student = prune(teacher, plan, options).eval()
+                seconds = timed(pipeline_step(student, embeds), device)
+                del student
+                after = timed(teacher_step, device)
+                row = results[name]
+                row["step_s"].append(seconds)
+                row["teacher_step_s"].append([before, after])
+                row["ratios"].append(seconds / ((before + after) / 2))
+                row["ratio"] = statistics.median(row["ratios"])
+                print(name, seconds, before, after, flush=True)
+                before = after
+    return results
+
+
+def step_markdown(results: dict) -> str:
+    lines = ["| UNet | pipeline step s (per round) | teacher steps around it, s | ratio per round | median step "
+             "ratio | step faster |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {', '.join(f'{t:.1f}' for t in row['step_s'])} | "
+                     f"{'; '.join(f'{a:.1f}, {b:.1f}' for a, b in row['teacher_step_s'])} | "
+                     f"{', '.join(f'{r:.2f}' for r in row['ratios'])} | {row['ratio']:.2f} | {1 - row['ratio']:.0%} |")
+    return "\n".join(lines)
 
 
 def macs(unet, inputs) -> tuple[int, int]:
@@ -216,6 +259,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pipeline-repeats", type=int, default=1)
     parser.add_argument("--pipeline-variants", nargs="*", default=["bk-small", "asdm"], choices=list(VARIANTS))
     parser.add_argument("--skip-latency", action="store_true", help="only the redundancy report")
+    parser.add_argument("--step-table", action="store_true",
+                        help="only the pipeline step of every --variants plan, ratios to the teacher")
     parser.add_argument("--redundancy", action="store_true")
     parser.add_argument("--redundancy-batch", type=int, default=256, help="digits teacher only")
     parser.add_argument("--teacher-run", help="a recipes/asdm/teacher_digits.yaml run directory (redundancy only)")
@@ -228,7 +273,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, batch "
           f"{args.batch}")
-    if not args.skip_latency:
+    if args.step_table:
+        results = step_table(args)
+        (args.out / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+        print(step_markdown(results))
+    elif not args.skip_latency:
         results = measure(args)
         (args.out / "latency.json").write_text(json.dumps(results, indent=1))
         print(table(results))

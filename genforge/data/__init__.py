@@ -3,7 +3,9 @@ latent caches (``latents``: VAE latents written by ``genforge cache-latents``).
 
 Every dataset yields ``(image, label)`` with ``image`` a float32 ``(C, H, W)`` tensor in
 ``[-1, 1]`` and ``label`` an int, and carries ``.num_classes``, ``.channels`` and
-``.image_size`` (square side). :func:`build_dataset` is the one entry point recipes use;
+``.image_size`` (square side). The text-to-image ones yield a caption instead of the label:
+``image_text`` (an image-text folder) its string, ``sd_latents`` (a text cache of
+``genforge cache-latents --text-encoder``) its text-encoder hidden states. :func:`build_dataset` is the one entry point recipes use;
 its registry is explicit and registering a name twice is an error.
 """
 
@@ -17,12 +19,14 @@ from torch.utils.data import Dataset
 from genforge.data.cifar import CIFARDataset, RestrictedUnpickler, safe_load_pickle
 from genforge.data.digits import DigitsDataset
 from genforge.data.folder import ImageFolderDataset
+from genforge.data.image_text import ImageTextFolderDataset
 from genforge.data.latents import LatentsDataset
 from genforge.data.mnist5k import MNIST5kDataset
 from genforge.data.transforms import check_resize_mode
 
 __all__ = [
-    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "LatentsDataset", "MNIST5kDataset", "RestrictedUnpickler",
+    "CIFARDataset", "DigitsDataset", "ImageFolderDataset", "ImageTextFolderDataset", "LatentsDataset", "MNIST5kDataset",
+    "RestrictedUnpickler",
     "build_dataset", "check_dataset", "dataset_names", "register_dataset", "safe_load_pickle",
 ]
 
@@ -100,19 +104,33 @@ def _build_image_folder(*, split, root, image_size, resize, channels):
     return ImageFolderDataset(root, image_size=image_size, channels=channels or 3)
 
 
-def _build_latents(*, split, root, image_size, resize, channels):
-    root = _need_root("latents", root)
+def _build_image_text(*, split, root, image_size, resize, channels):
+    root = _need_root("image_text", root)
     if split != "train":
-        raise ValueError(f"dataset 'latents' has no splits (got split={split!r}); point root at the cache of "
+        raise ValueError(f"dataset 'image_text' has no splits (got split={split!r}); point root at the folder of "
                          "the split you want")
-    dataset = LatentsDataset(root)
-    if image_size is not None and image_size != dataset.image_size:
-        raise ValueError(f"dataset 'latents' at {root} holds {dataset.image_size}x{dataset.image_size} latents; "
-                         f"data.image_size must be {dataset.image_size}, got {image_size}")
-    if channels is not None and channels != dataset.channels:
-        raise ValueError(f"dataset 'latents' at {root} holds {dataset.channels}-channel latents, got "
-                         f"channels={channels}")
-    return dataset
+    return ImageTextFolderDataset(root, image_size=image_size, channels=channels or 3)
+
+
+def _latents_builder(name: str, captioned: bool) -> DatasetBuilder:
+    def build(*, split, root, image_size, resize, channels):
+        root = _need_root(name, root)
+        if split != "train":
+            raise ValueError(f"dataset {name!r} has no splits (got split={split!r}); point root at the cache of "
+                             "the split you want")
+        dataset = LatentsDataset(root)
+        if dataset.captioned != captioned:
+            made = "with --text-encoder (captions)" if dataset.captioned else "without --text-encoder (class labels)"
+            raise ValueError(f"dataset {name!r}: the cache at {root} was made {made}; use data.name "
+                             f"{'sd_latents' if dataset.captioned else 'latents'}")
+        if image_size is not None and image_size != dataset.image_size:
+            raise ValueError(f"dataset {name!r} at {root} holds {dataset.image_size}x{dataset.image_size} latents; "
+                             f"data.image_size must be {dataset.image_size}, got {image_size}")
+        if channels is not None and channels != dataset.channels:
+            raise ValueError(f"dataset {name!r} at {root} holds {dataset.channels}-channel latents, got "
+                             f"channels={channels}")
+        return dataset
+    return build
 
 
 def _cifar_builder(num_classes: int) -> DatasetBuilder:
@@ -126,6 +144,8 @@ def _cifar_builder(num_classes: int) -> DatasetBuilder:
 register_dataset("digits", _build_digits)
 register_dataset("mnist5k", _build_mnist5k)
 register_dataset("image_folder", _build_image_folder)
-register_dataset("latents", _build_latents)
+register_dataset("image_text", _build_image_text)
+register_dataset("latents", _latents_builder("latents", captioned=False))
+register_dataset("sd_latents", _latents_builder("sd_latents", captioned=True))
 register_dataset("cifar10", _cifar_builder(10))
 register_dataset("cifar100", _cifar_builder(100))

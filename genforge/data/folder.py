@@ -32,6 +32,17 @@ class _ConvertMode:
         return image.convert(self.mode)
 
 
+def square_transform(image_size: int, channels: int) -> T.Compose:
+    """PIL image -> uint8 ``(channels, image_size, image_size)``: shorter side resized (bicubic), center crop."""
+    if channels not in _PIL_MODES:
+        raise ValueError(f"channels={channels} is not supported; expected 1 or 3")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} must be a positive int")
+    return T.Compose([_ConvertMode(_PIL_MODES[channels]),
+                      T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(image_size), T.PILToTensor()])
+
+
 def _check_root(root: Path) -> None:
     """Fail early, naming ``root``, when it is missing or holds no class folder with images."""
     if not root.is_dir():
@@ -53,21 +64,10 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, image_size: int, channels: int = 3) -> None:
-        if channels not in _PIL_MODES:
-            raise ValueError(f"channels={channels} is not supported; expected 1 or 3")
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size={image_size!r} must be a positive int")
+        transform = square_transform(image_size, channels)
         self.root = Path(root)
         _check_root(self.root)
-        self._folder = ImageFolder(
-            str(self.root),
-            transform=T.Compose([
-                _ConvertMode(_PIL_MODES[channels]),
-                T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                T.CenterCrop(image_size),
-                T.PILToTensor(),
-            ]),
-        )
+        self._folder = ImageFolder(str(self.root), transform=transform)
         self.classes = list(self._folder.classes)
         self.num_classes = len(self.classes)
         self.image_size, self.channels = image_size, channels

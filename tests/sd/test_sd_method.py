@@ -42,10 +42,11 @@ def test_teacher_saves_a_stock_pipeline_with_its_local_tokenizer_and_grids_per_c
 def test_distillation_with_incubation_resumes_exactly(teacher_run, tmp_path):
     model = {"teacher": str(teacher_run), "plan": "asdm", "asdm": {"gri_window": 4, "gri_pool": 2},
              "incubation_steps": 1}
-    # Steps 0, 1, 2 incubate stages 0, 1, 2: the resumed run must continue with stage 2, not restart at 0.
-    straight = train(recipe(tmp_path, "straight", "sd_distill", model, max_steps=3))
-    train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=2))
-    resumed = train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=3), resume=True)
+    # Steps 0, 1, 2 incubate stages 0, 1, 2: the run resumed from step 2 must continue with stage 2, not
+    # restart at 0.
+    straight = train(recipe(tmp_path, "straight", "sd_distill", model, max_steps=3, checkpoint_every=2))
+    resumed = train(recipe(tmp_path, "resumed", "sd_distill", model, max_steps=3),
+                    resume_from=straight.output_dir / "checkpoints" / "step_0000002")
     assert resumed.resumed_from == 2
     a = load_file(straight.output_dir / "model" / "model.safetensors")
     b = load_file(resumed.output_dir / "model" / "model.safetensors")
