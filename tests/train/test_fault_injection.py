@@ -1,7 +1,8 @@
 """kill -9 at random moments: a training run resumed after each kill ends exactly where an
 uninterrupted run ends (same weights, bitwise, on CPU).
 
-Each seed kills a run twice: first at a seeded random moment after its first checkpoint (so
+The seed kills a run twice (one seed: each kill sequence costs three to four runs of the
+recipe in fresh interpreters, 45-100 s, so more seeds would not fit the suite's 10 minutes): first at a seeded random moment after its first checkpoint (so
 the rerun must resume, whatever the machine's speed), then after a seeded random delay within
 an uninterrupted run's duration (which may land in the imports, inside a checkpoint write,
 between checkpoints, or while the final weights are written; a resumed run may finish first).
@@ -42,7 +43,7 @@ def weights(run):
     return {part: load_file(str(run / part)) for part in ("model/model.safetensors", "model.safetensors")}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(tmp_path, seed):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.monotonic()
