@@ -1,9 +1,10 @@
 """kill -9 at random moments: a training run resumed after each kill ends exactly where an
 uninterrupted run ends (same weights, bitwise, on CPU).
 
-The seed kills a run twice (one seed: each kill sequence costs three to four runs of the
-recipe in fresh interpreters, 45-100 s, so more seeds would not fit the suite's 10 minutes): first at a seeded random moment after its first checkpoint (so
-the rerun must resume, whatever the machine's speed), then after a seeded random delay within
+The seed kills a run twice (one seed: a kill sequence costs three to four runs of the recipe
+in fresh interpreters, 45-100 s, and more would not fit the suite's 10 minutes): first at a
+seeded random moment after its first checkpoint (so the rerun must resume, whatever the
+machine's speed), then after a seeded random delay within
 an uninterrupted run's duration (which may land in the imports, inside a checkpoint write,
 between checkpoints, or while the final weights are written; a resumed run may finish first).
 Then the command is simply run again with --auto-resume until it finishes.
