@@ -93,15 +93,11 @@ class LinearPathMethod(ClassConditionalNetworkMethod):
     """Shared by ARFlow and SiT: recipe checks, data, weight-decay groups and end-of-run sampling."""
 
     pipeline_class: type = SiTPipeline
+    samplers = SAMPLERS
     defaults: dict = MODEL_DEFAULTS
 
-    def __init__(self, recipe):
-        super().__init__(recipe)
-        self.validate_model_config(recipe.model)
-        if recipe.sample.scheduler not in SAMPLERS:
-            raise ConfigError(f"{self._source()}: sample.scheduler {recipe.sample.scheduler!r} is not one of "
-                              f"{list(SAMPLERS)}")
-        self.options = {**self.defaults, **recipe.model}
+    def option_defaults(self) -> dict:
+        return dict(self.defaults)
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(self.defaults), "model", self._source())

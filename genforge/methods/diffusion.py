@@ -83,15 +83,24 @@ def check_network_section(model_cfg: dict, named_configs: dict, model_class: typ
 class ClassConditionalNetworkMethod(Method):
     """The network side every class-conditional image generator's method shares: the named config
     plus ``model.args`` (:meth:`network_config`), the network, and the training images checked
-    against the network's input shape. Subclasses set ``model_class``, ``named_configs`` and ``options``.
-    Construction refuses end-of-run inputs that are missing (:func:`~genforge.methods.sampling.check_eval_inputs`)."""
+    against the network's input shape. Construction refuses end-of-run inputs that are missing
+    (:func:`~genforge.methods.sampling.check_eval_inputs`), then checks the ``model:`` section
+    (:meth:`validate_model_config`) and ``sample.scheduler`` (one of ``samplers``), and sets
+    ``options`` = :meth:`option_defaults` updated by the recipe. Subclasses set ``model_class``,
+    ``named_configs`` and ``samplers`` and define those two methods."""
 
     model_class: type = None
     named_configs: dict[str, dict] = {}
+    samplers: tuple[str, ...] = ()
 
     def __init__(self, recipe):
         super().__init__(recipe)
         check_eval_inputs(recipe, self._source())
+        self.validate_model_config(recipe.model)
+        if recipe.sample.scheduler not in self.samplers:
+            raise ConfigError(f"{self._source()}: sample.scheduler {recipe.sample.scheduler!r} is not one of "
+                              f"{list(self.samplers)}")
+        self.options = {**self.option_defaults(), **recipe.model}
 
     def _source(self) -> str:
         return f"recipe for method {self.name!r}"
@@ -131,15 +140,14 @@ class ClassConditionalDiffusion(ClassConditionalNetworkMethod):
 
     default_schedule = "linear"
     pipeline_class: type = ClassConditionalPipeline
+    samplers = SAMPLERS
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.validate_model_config(recipe.model)
-        if recipe.sample.scheduler not in SAMPLERS:
-            raise ConfigError(f"{self._source()}: sample.scheduler {recipe.sample.scheduler!r} is not one of "
-                              f"{list(SAMPLERS)}")
-        self.options = {**MODEL_DEFAULTS, "beta_schedule": self.default_schedule, **recipe.model}
         self.noise_scheduler = self._noise_scheduler()
+
+    def option_defaults(self) -> dict:
+        return {**MODEL_DEFAULTS, "beta_schedule": self.default_schedule}
 
     def validate_model_config(self, model_cfg: dict) -> None:
         check_known_keys(model_cfg, sorted(MODEL_KEYS), "model", self._source())
