@@ -31,6 +31,11 @@ The A-SDM rows separate its components: ``asdm`` (CLME-CondConv + GRI), ``asdm: 
 teacher (MAC and latency shares only: on random weights the output change says nothing) or, with
 ``--teacher-run``, for a trained teacher UNet saved by ``recipes/asdm/teacher_digits.yaml``.
 
+``--quality RUN ...``: the digits quality table from finished runs of
+``recipes/asdm/teacher_digits.yaml`` and the distillation recipes (each run's
+``sample_metrics.json`` and saved ``recipe.yaml``): runs that differ only in ``seed`` form one row,
+FID (digits CNN) and classifier agreement as mean ± std over them, beside the UNet's parameters.
+
 Run: ``OMP_NUM_THREADS=1 nice -n 5 python eval/benchmarks/asdm.py --out docs/benchmarks/asdm``
 (about 10 CPU-minutes; defaults: one timed call each, no warm-up, as a busy 2-core machine allows).
 """
@@ -41,9 +46,11 @@ import argparse
 import json
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from genforge.sd import SD15_UNET_CONFIG, prune
@@ -248,6 +255,38 @@ def redundancy_outputs(rows: list[dict], out: Path, name: str, title: str) -> st
     return "\n".join(lines)
 
 
+def run_label(recipe: dict) -> str:
+    """A row name from a run's saved recipe: the teacher, or plan + incubation + distillation steps."""
+    steps = recipe["train"]["max_steps"]
+    if recipe["method"] == "sd_text_to_image":
+        return f"teacher ({steps} steps)"
+    model = recipe["model"]
+    incubation = model.get("incubation_steps", 0)
+    how = f", incubation {incubation}/stage" if incubation else (", no incubation" if model.get("plan") == "asdm" else "")
+    return f"{model.get('plan', 'bk-small')} student ({steps} steps{how})"
+
+
+def quality_table(runs: list[Path]) -> str:
+    """Mean ± std of FID and agreement over the seeds of each distinct recipe."""
+    rows = defaultdict(list)
+    for run in runs:
+        metrics_file = run / "sample_metrics.json"
+        if not metrics_file.is_file():
+            raise SystemExit(f"{run}: no sample_metrics.json (the run has not finished)")
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        rows[run_label(recipe)].append(json.loads(metrics_file.read_text()))
+
+    def stat(values, digits):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    lines = ["| model | UNet params | seeds | FID (digits CNN) | classifier agreement |", "|---|---:|---:|---:|---:|"]
+    for label, found in rows.items():
+        lines.append(f"| {label} | {found[0]['unet_parameters'] / 1e6:.2f}M | {len(found)} | "
+                     f"{stat([m['fid'] for m in found], 1)} | {stat([m['classifier_agreement'] for m in found], 3)} |")
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -264,12 +303,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redundancy", action="store_true")
     parser.add_argument("--redundancy-batch", type=int, default=256, help="digits teacher only")
     parser.add_argument("--teacher-run", help="a recipes/asdm/teacher_digits.yaml run directory (redundancy only)")
+    parser.add_argument("--quality", nargs="+", type=Path, metavar="RUN",
+                        help="only the digits quality table of these finished teacher/distillation runs")
     parser.add_argument("--out", type=Path, default=Path("asdm_benchmark"))
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.quality:
+        print(quality_table(args.quality))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, batch "
           f"{args.batch}")
