@@ -35,6 +35,9 @@ teacher (MAC and latency shares only: on random weights the output change says n
 ``recipes/asdm/teacher_digits.yaml`` and the distillation recipes (each run's
 ``sample_metrics.json`` and saved ``recipe.yaml``): runs that differ only in ``seed`` form one row,
 FID (digits CNN) and classifier agreement as mean ± std over them, beside the UNet's parameters.
+``--teacher-sampling-seeds`` samples and scores the teacher run's saved pipeline again at more
+sampling seeds (the run itself scored one, seed + 1; the students of seeds 0-2 sample at 1-3),
+so that the teacher's row has the sampling spread the students' rows have.
 
 Run: ``OMP_NUM_THREADS=1 nice -n 5 python eval/benchmarks/asdm.py --out docs/benchmarks/asdm``
 (about 10 CPU-minutes; defaults: one timed call each, no warm-up, as a busy 2-core machine allows).
@@ -266,8 +269,24 @@ def run_label(recipe: dict) -> str:
     return f"{model.get('plan', 'bk-small')} student ({steps} steps{how})"
 
 
-def quality_table(runs: list[Path]) -> str:
-    """Mean ± std of FID and agreement over the seeds of each distinct recipe."""
+def resample(run: Path, seed: int) -> dict:
+    """FID and agreement of a finished digits run's saved pipeline, sampled as the run did but from ``seed``."""
+    from genforge.config import load_recipe
+    from genforge.methods.sampling import score_samples
+    from genforge.sd.method import _generate, load_text_to_image_pipeline
+    from genforge.sd.text import digit_prompt
+
+    recipe = load_recipe(run / "recipe.yaml")
+    pipe = load_text_to_image_pipeline(run / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(recipe.eval.num_samples) % 10
+    images = _generate(pipe, [digit_prompt(int(y)) for y in labels], recipe, seed, f"sampling seed {seed}")
+    return {**score_samples(images, labels, recipe), "unet_parameters": pipe.unet.num_parameters()}
+
+
+def quality_table(runs: list[Path], teacher_seeds: list[int] = ()) -> str:
+    """Mean ± std of FID and agreement over the seeds of each distinct recipe (and, for teacher runs, over
+    ``teacher_seeds`` more sampling seeds)."""
     rows = defaultdict(list)
     for run in runs:
         metrics_file = run / "sample_metrics.json"
@@ -275,12 +294,14 @@ def quality_table(runs: list[Path]) -> str:
             raise SystemExit(f"{run}: no sample_metrics.json (the run has not finished)")
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         rows[run_label(recipe)].append(json.loads(metrics_file.read_text()))
+        if recipe["method"] == "sd_text_to_image":
+            rows[run_label(recipe)] += [resample(run, seed) for seed in teacher_seeds]
 
     def stat(values, digits):
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
-    lines = ["| model | UNet params | seeds | FID (digits CNN) | classifier agreement |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | UNet params | runs | FID (digits CNN) | classifier agreement |", "|---|---:|---:|---:|---:|"]
     for label, found in rows.items():
         lines.append(f"| {label} | {found[0]['unet_parameters'] / 1e6:.2f}M | {len(found)} | "
                      f"{stat([m['fid'] for m in found], 1)} | {stat([m['classifier_agreement'] for m in found], 3)} |")
@@ -305,6 +326,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-run", help="a recipes/asdm/teacher_digits.yaml run directory (redundancy only)")
     parser.add_argument("--quality", nargs="+", type=Path, metavar="RUN",
                         help="only the digits quality table of these finished teacher/distillation runs")
+    parser.add_argument("--teacher-sampling-seeds", nargs="*", type=int, default=[],
+                        help="with --quality: score the teacher runs' pipelines at these sampling seeds too")
     parser.add_argument("--out", type=Path, default=Path("asdm_benchmark"))
     return parser.parse_args()
 
@@ -312,7 +335,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.quality:
-        print(quality_table(args.quality))
+        print(quality_table(args.quality, args.teacher_sampling_seeds))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, batch "
