@@ -105,3 +105,25 @@ def test_incubation_under_ddp_all_reduces_the_gradients_of_the_stage_being_train
             assert trained and set(synced) == trained, "the stage's gradients were not all-reduced by DDP"
     finally:
         dist.destroy_process_group()
+
+
+def test_shipped_digits_recipes_build_the_documented_teacher_and_students(tmp_path):
+    """recipes/asdm/{teacher,distill,distill_asdm}_digits.yaml: the teacher UNet and the two pruned
+    students have the parameter counts docs/benchmarks.md reports (2.16M, 1.21M, 1.46M)."""
+    from pathlib import Path
+
+    from genforge.config import load_recipe
+    from genforge.sd.method import _pipeline
+    from genforge.train import get_method
+
+    recipes = Path(__file__).parents[2] / "recipes" / "asdm"
+    teacher_recipe = load_recipe(recipes / "teacher_digits.yaml", overrides={"output_dir": str(tmp_path / "t")})
+    method = get_method(teacher_recipe.method)(teacher_recipe)
+    unet = method.build_model()
+    assert unet.num_parameters() == 2_162_721
+    _pipeline(unet, method.tokenizer, method.text_encoder, method.noise_scheduler).save_pretrained(tmp_path / "pipeline")
+    for name, plan, parameters in (("distill_digits", "bk-small", 1_212_673), ("distill_asdm_digits", "asdm", 1_462_800)):
+        recipe = load_recipe(recipes / f"{name}.yaml",
+                             overrides={"output_dir": str(tmp_path / name), "model.teacher": str(tmp_path)})
+        student = get_method(recipe.method)(recipe).build_model().unet
+        assert recipe.model["plan"] == plan and student.num_parameters() == parameters, name
