@@ -10,7 +10,8 @@ are loaded from their saved pipelines and sampled with the same number of steps 
 - Wall time per image, the pipelines timed in turn in one process (median of ``--repeats``),
   given as ratios to MaskGIT.
 - FID (digits CNN) and classifier agreement of ``--num-samples`` class-balanced samples for each
-  sampling seed in ``--seeds`` (the networks are fixed: seeds vary sampling only).
+  sampling seed in ``--seeds`` (the networks are fixed: seeds vary sampling only); ENAT with and
+  without reuse, so that what reuse costs in quality is measured beside what it saves.
 
 A run directory without a saved pipeline (a recipe not trained yet) is built from its recipe with
 random weights: FLOPs and wall time do not depend on the weights, so it enters those columns and
@@ -139,15 +140,19 @@ def main(argv=None) -> dict:
 
     seconds = wall_times(pipes, torch.arange(100) % 10, args.steps, guidance, options, args.repeats)
 
-    quality = {name: [] for name in trained}
+    scored = [(name, name, True) for name in trained] + [("ENAT, no reuse", "ENAT", False)] * ("ENAT" in trained)
+    quality = {label: [] for label, _, _ in scored}
     for seed in args.seeds:
-        for name in trained:
+        for label, name, reuse in scored:
             pipe = pipes[name]
+            if name == "ENAT":
+                pipe.reuse = reuse
             sampler = lambda **kw: pipe(**kw, **options[name])  # noqa: E731 -- the recipe's sampling options
             sample_labels = torch.arange(args.num_samples) % 10
             images = generate(sampler, sample_labels, steps=args.steps, guidance_scale=guidance, seed=seed,
-                              batch_size=500, desc=f"{name} seed {seed}")
-            quality[name].append(score_samples(images, sample_labels, recipe))
+                              batch_size=500, desc=f"{label} seed {seed}")
+            quality[label].append(score_samples(images, sample_labels, recipe))
+    pipes["ENAT"].reuse = True
 
     result = {"steps": args.steps, "guidance": guidance, "params": params, "flops_per_image": flops,
               "flops_per_step_per_image": {k: [v / len(labels) for v in c] for k, c in curves.items()},
