@@ -16,7 +16,14 @@ test-time scoring) is the base of the other classification methods too
 The recipe's ``model:`` section: ``name`` (a timm model name), ``kwargs`` (extra
 ``create_model`` arguments), ``pretrained_file`` (local weights, loaded through timm's
 ``pretrained_cfg_overlay=dict(file=...)``; timm re-initialises a classifier whose class count
-differs from the dataset's and adapts the stem to the input channels) and ``label_smoothing``.
+differs from the dataset's and adapts the stem to the input channels), ``label_smoothing`` and,
+for the ``classifier`` method, ``bn_recalibration_batch``: before scoring, the BatchNorm running
+statistics of the saved model are re-estimated over the training split in batches of that size
+(:func:`recalibrate_batchnorm`, "precise BN", Wu & Johnson 2021, arXiv 2105.07576). Off by default;
+it is for networks whose last stages run at 1x1 spatial size on small images, where the running
+averages of small, noisy batch statistics do not match the population (timm's ResNet-18 on 32x32
+MNIST-5k at batch 64: 33.5% test accuracy from its running statistics, 98.1% after re-estimation
+in batches of 500).
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ from genforge.data import build_dataset
 from genforge.metrics.calibration import expected_calibration_error
 from genforge.train import Method, register_method
 
-__all__ = ["ClassificationMethod", "ClassifierMethod", "check_label_smoothing", "check_timm_model", "classification_metrics",
-           "classification_step", "finish_classifier", "load_split", "no_decay_groups", "predict_logits",
-           "pretrained_overlay", "save_weights_atomic"]
+__all__ = ["ClassificationMethod", "ClassifierMethod", "check_label_smoothing", "check_timm_model",
+           "classification_metrics", "classification_step", "finish_classifier", "load_split", "no_decay_groups",
+           "predict_logits", "pretrained_overlay", "recalibrate_batchnorm", "save_weights_atomic"]
 
 MODEL_DEFAULTS = {"name": None, "kwargs": {}, "pretrained_file": None, "label_smoothing": 0.0}
 DATASET_KWARGS = ("num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay")
@@ -136,6 +143,29 @@ def save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
         save_model(model, str(tmp))
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, dataset, batch_size: int) -> int:
+    """Replace every BatchNorm layer's running mean and variance by the average of its batch statistics over
+    ``dataset`` in batches of ``batch_size`` (in order; the rest of the model in eval mode, so dropout and
+    drop-path stay off); the momenta and modes are restored. Returns the number of layers re-estimated."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta, was_training = [m.momentum for m in norms], model.training
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+        norm.train()
+    device = next(model.parameters()).device
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        model(images.to(device))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+    return len(norms)
+
+
 def finish_classifier(model: torch.nn.Module, test_set, recipe: Recipe, output_dir: Path) -> dict:
     """Score the EMA model on the test split and save its weights to ``model.safetensors``."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +220,7 @@ class ClassificationMethod(Method):
 class ClassifierMethod(ClassificationMethod):
     """Cross-entropy training of a timm model on the recipe's dataset."""
 
-    model_defaults = MODEL_DEFAULTS
+    model_defaults = {**MODEL_DEFAULTS, "bn_recalibration_batch": None}
 
     def validate_model_config(self, model_cfg: dict) -> None:
         source = self._source()
@@ -200,6 +230,10 @@ class ClassifierMethod(ClassificationMethod):
         if weights is not None and not Path(str(weights)).is_file():
             raise ConfigError(f"{source}: model.pretrained_file {weights!r} is not a file")
         check_label_smoothing(model_cfg.get("label_smoothing", 0.0), source)
+        batch = model_cfg.get("bn_recalibration_batch")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ConfigError(f"{source}: model.bn_recalibration_batch must be a batch size >= 1 or null, "
+                              f"got {batch!r}")
 
     def create_kwargs(self) -> dict:
         """``timm.create_model`` keyword arguments besides the name (classes and channels from the data)."""
@@ -222,7 +256,11 @@ class ClassifierMethod(ClassificationMethod):
                               f"timm model {name!r}: {one_line(err)}") from None
 
     def on_train_end(self, ema_model, accelerator, output_dir: Path) -> dict:
-        """Also write ``model_config.json``: the ``timm.create_model`` arguments of the saved model."""
+        """Re-estimate BatchNorm statistics when ``model.bn_recalibration_batch`` asks, then score and save; also
+        write ``model_config.json``: the ``timm.create_model`` arguments of the saved model."""
+        batch = self.options.get("bn_recalibration_batch")
+        if batch and accelerator.is_main_process:
+            recalibrate_batchnorm(ema_model, self.train_set, batch)
         metrics = super().on_train_end(ema_model, accelerator, output_dir)
         if accelerator.is_main_process:
             config = {"model_name": self.options["name"], **self.create_kwargs()}

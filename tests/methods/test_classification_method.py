@@ -10,7 +10,8 @@ from safetensors.torch import load_file, load_model, save_model
 
 from genforge.config import ConfigError, load_recipe, recipe_from_dict
 from genforge.data import build_dataset
-from genforge.methods.classification import ClassifierMethod, classification_metrics, predict_logits
+from genforge.methods.classification import (ClassifierMethod, classification_metrics, predict_logits,
+                                             recalibrate_batchnorm)
 from genforge.train import latest_checkpoint, train
 
 
@@ -108,6 +109,7 @@ def test_a_pretrained_head_for_other_classes_is_replaced_and_the_stem_adapted(tm
     ({"kwargs": {"num_classes": 3}}, "kwargs.num_classes is set by the method"),
     ({"pretrained_file": "/nonexistent/w.safetensors"}, "is not a file"),
     ({"label_smoothing": 1.0}, r"label_smoothing must be a number in \[0, 1\)"),
+    ({"bn_recalibration_batch": 0}, "bn_recalibration_batch must be a batch size >= 1"),
 ])
 def test_bad_model_sections_are_refused_when_the_recipe_loads(tmp_path, model, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,3 +124,34 @@ def test_a_kwarg_the_timm_model_lacks_is_a_config_error(tmp_path):
 def test_shipped_recipe_loads():
     recipe = load_recipe("recipes/backbones/resnet18_digits.yaml")
     assert recipe.model["name"] == "resnet18" and recipe.data.image_size == 32 and recipe.data.resize == "resize"
+
+
+def test_batchnorm_recalibration_averages_the_batch_statistics_with_dropout_off():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3),
+                                torch.nn.ReLU(), torch.nn.BatchNorm2d(4)).train()
+    images = build_dataset("digits", split="train", image_size=8).images[:96]
+    data = torch.utils.data.TensorDataset(images, torch.zeros(96, dtype=torch.long))
+    assert recalibrate_batchnorm(model, data, batch_size=32) == 2
+    with torch.no_grad():
+        features = [model[1](chunk) for chunk in images.split(32)]  # dropout off: the conv's exact output
+    norm = model[2]
+    torch.testing.assert_close(norm.running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
+    assert int(norm.num_batches_tracked) == 3 and norm.momentum == 0.3 and model.training
+
+
+def test_a_run_with_bn_recalibration_saves_the_population_statistics_of_the_training_split(tmp_path):
+    train_images = build_dataset("digits", split="train", image_size=8).images
+    recipe = classifier_recipe(tmp_path, bn_recalibration_batch=len(train_images))
+    recipe.train.max_steps = 2
+    result = train(recipe)
+    model = timm.create_model(**json.loads((result.output_dir / "model_config.json").read_text()))
+    load_model(model, str(result.output_dir / "model.safetensors"))
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    inputs = []
+    first.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        model.eval()(train_images)
+    torch.testing.assert_close(first.running_mean, inputs[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var, inputs[0].var((0, 2, 3)), rtol=1e-4, atol=1e-5)
