@@ -146,8 +146,10 @@ def save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, dataset, batch_size: int) -> int:
     """Replace every BatchNorm layer's running mean and variance by the average of its batch statistics over
-    ``dataset`` in batches of ``batch_size`` (in order; the rest of the model in eval mode, so dropout and
-    drop-path stay off); the momenta and modes are restored. Returns the number of layers re-estimated."""
+    ``dataset`` in shuffled batches of ``batch_size`` (a fixed permutation, ``torch.randperm`` of seed 0: a
+    split stored class by class would give one-class batches, whose averaged variances miss the variance
+    between classes; the rest of the model in eval mode, so dropout and drop-path stay off); the momenta
+    and modes are restored. Returns the number of layers re-estimated."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
@@ -158,7 +160,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, dataset, batch_size: int) -> i
         norm.momentum = None  # a cumulative average over the batches
         norm.train()
     device = next(model.parameters()).device
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    order = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order):
         model(images.to(device))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum

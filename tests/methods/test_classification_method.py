@@ -126,7 +126,7 @@ def test_shipped_recipe_loads():
     assert recipe.model["name"] == "resnet18" and recipe.data.image_size == 32 and recipe.data.resize == "resize"
 
 
-def test_batchnorm_recalibration_averages_the_batch_statistics_with_dropout_off():
+def test_batchnorm_recalibration_averages_the_statistics_of_shuffled_batches_with_dropout_off():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3),
                                 torch.nn.ReLU(), torch.nn.BatchNorm2d(4)).train()
@@ -134,7 +134,8 @@ def test_batchnorm_recalibration_averages_the_batch_statistics_with_dropout_off(
     data = torch.utils.data.TensorDataset(images, torch.zeros(96, dtype=torch.long))
     assert recalibrate_batchnorm(model, data, batch_size=32) == 2
     with torch.no_grad():
-        features = [model[1](chunk) for chunk in images.split(32)]  # dropout off: the conv's exact output
+        order = torch.randperm(96, generator=torch.Generator().manual_seed(0))  # the fixed shuffle
+        features = [model[1](chunk) for chunk in images[order].split(32)]  # dropout off: the conv's exact output
     norm = model[2]
     torch.testing.assert_close(norm.running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
     torch.testing.assert_close(norm.running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
