@@ -18,7 +18,7 @@ The recipe's ``model:`` section: ``name`` (a timm model name), ``kwargs`` (extra
 ``pretrained_cfg_overlay=dict(file=...)``; timm re-initialises a classifier whose class count
 differs from the dataset's and adapts the stem to the input channels), ``label_smoothing`` and,
 for the ``classifier`` method, ``bn_recalibration_batch``: before scoring, the BatchNorm running
-statistics of the saved model are re-estimated over the training split in batches of that size
+statistics of the saved model are re-estimated over the shuffled training split in batches of that size
 (:func:`recalibrate_batchnorm`, "precise BN", Wu & Johnson 2021, arXiv 2105.07576). Off by default;
 it is for networks whose last stages run at 1x1 spatial size on small images, where the running
 averages of small, noisy batch statistics do not match the population (timm's ResNet-18 on 32x32
