@@ -75,15 +75,25 @@ def counted_decoding(pipe, labels, steps: int, guidance: float, options: dict) -
     return [float(sum(per_call[a:b])) for a, b in zip(starts, marks)]
 
 
+def variants(names) -> list[tuple[str, str, bool]]:
+    """(row label, pipeline name, reuse) of each pipeline in ``names``, plus ENAT without reuse when ENAT is one."""
+    return [(name, name, True) for name in names] + [("ENAT, no reuse", "ENAT", False)] * ("ENAT" in names)
+
+
+def use(pipes: dict, name: str, reuse: bool):
+    """The pipeline ``name``, with ENAT's reuse switched as the row asks."""
+    if name == "ENAT":
+        pipes[name].reuse = reuse
+    return pipes[name]
+
+
 def wall_times(pipes: dict, labels, steps: int, guidance: float, options: dict, repeats: int) -> dict:
     """Median seconds per image of each pipeline, and of ENAT without reuse, timed in turn."""
-    runs = [(name, name, True) for name in pipes] + [("ENAT, no reuse", "ENAT", False)]
+    runs = variants(list(pipes))
     times = {label: [] for label, _, _ in runs}
     for _ in range(repeats):
         for label, name, reuse in runs:
-            pipe = pipes[name]
-            if name == "ENAT":
-                pipe.reuse = reuse
+            pipe = use(pipes, name, reuse)
             start = time.perf_counter()
             pipe.generate_tokens(labels, num_inference_steps=steps, guidance_scale=guidance,
                                  generator=torch.Generator().manual_seed(0), **options[name])
@@ -140,13 +150,11 @@ def main(argv=None) -> dict:
 
     seconds = wall_times(pipes, torch.arange(100) % 10, args.steps, guidance, options, args.repeats)
 
-    scored = [(name, name, True) for name in trained] + [("ENAT, no reuse", "ENAT", False)] * ("ENAT" in trained)
+    scored = variants(trained)
     quality = {label: [] for label, _, _ in scored}
     for seed in args.seeds:
         for label, name, reuse in scored:
-            pipe = pipes[name]
-            if name == "ENAT":
-                pipe.reuse = reuse
+            pipe = use(pipes, name, reuse)
             sampler = lambda **kw: pipe(**kw, **options[name])  # noqa: E731 -- the recipe's sampling options
             sample_labels = torch.arange(args.num_samples) % 10
             images = generate(sampler, sample_labels, steps=args.steps, guidance_scale=guidance, seed=seed,
