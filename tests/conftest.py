@@ -1,5 +1,6 @@
 """Session fixtures shared across test folders: the tiny CLIP tokenizer of the ReNO tests (builders in
-tiny_reno_models.py) and a random local Inception weights file for FID without a download."""
+tiny_reno_models.py), a random local Inception weights file for FID without a download, and a
+one-process gloo group for DDP tests."""
 
 import pytest
 import torch
@@ -47,3 +48,15 @@ def inception_weights_file(tmp_path_factory):
     path = folder / "inception_random.pth"
     torch.save(skeleton.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-process gloo process group, so a test can wrap a model in DistributedDataParallel on CPU."""
+    from torch import distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'gloo_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -336,31 +336,27 @@ def test_official_vqgan_layout_is_ours_and_loads_strictly(tmp_path):
         load_official_vqgan(tmp_path / "broken.safetensors", **VQGAN_REFERENCE["config"])
 
 
-def test_ddp_training_alternating_reuse_needs_and_has_find_unused_parameters(tmp_path):
+def test_ddp_training_alternating_reuse_needs_and_has_find_unused_parameters(gloo_group):
     """A training step without the simulated previous step leaves PrevProj and the previous-feature
     projections without gradient; the next step, with one, uses them. DDP refuses that unless
     find_unused_parameters is set (as the official training does), and the enat method sets it."""
-    from torch import distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from genforge.methods.masked_tokens import ENATMethod
 
     tokens, labels = torch.randint(0, MASK, (4, L)), torch.tensor([0, 1, 2, 3])
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        def steps(find_unused: bool) -> dict:
-            model = tiny_enat(0).train()
-            wrapped = DistributedDataParallel(model, find_unused_parameters=find_unused)
-            torch.manual_seed(0)
-            for reuse_prob in (0.0, 1.0):
-                model.zero_grad(set_to_none=True)
-                enat_training_loss(wrapped, tiny_enat(1).eval(), tokens, labels, reuse_prob=reuse_prob).backward()
-            return {name: p.grad for name, p in model.named_parameters()}
 
-        grads = steps(ENATMethod.find_unused_parameters)
-        prev = [g for name, g in grads.items() if name.startswith("prev_proj.")]
-        assert prev and all(g is not None and g.abs().sum() > 0 for g in prev)  # the reuse step trains PrevProj
-        with pytest.raises(RuntimeError, match="unused parameters|finished reduction"):
-            steps(False)
-    finally:
-        dist.destroy_process_group()
+    def steps(find_unused: bool) -> dict:
+        model = tiny_enat(0).train()
+        wrapped = DistributedDataParallel(model, find_unused_parameters=find_unused)
+        torch.manual_seed(0)
+        for reuse_prob in (0.0, 1.0):
+            model.zero_grad(set_to_none=True)
+            enat_training_loss(wrapped, tiny_enat(1).eval(), tokens, labels, reuse_prob=reuse_prob).backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    grads = steps(ENATMethod.find_unused_parameters)
+    prev = [g for name, g in grads.items() if name.startswith("prev_proj.")]
+    assert prev and all(g is not None and g.abs().sum() > 0 for g in prev)  # the reuse step trains PrevProj
+    with pytest.raises(RuntimeError, match="unused parameters|finished reduction"):
+        steps(False)

@@ -67,11 +67,11 @@ def test_distillation_recipe_errors_name_the_bad_value(teacher_run, tmp_path):
         recipe(tmp_path, "x", "sd_distill", {"teacher": str(teacher_run), "plan": "asdm", "asdm": {"window": 4}}, 1)
 
 
-def test_incubation_under_ddp_all_reduces_the_gradients_of_the_stage_being_trained(teacher_run, tmp_path):
+def test_incubation_under_ddp_all_reduces_the_gradients_of_the_stage_being_trained(teacher_run, tmp_path,
+                                                                                    gloo_group):
     """The hybrid (teacher + incubated student stage) must run through the DDP-wrapped student: DDP
     all-reduces only gradients made under its own forward. A hybrid called beside the wrapper trains
     each process's copy of the stage on its own shard, and the copies drift apart."""
-    from torch import distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from genforge.sd.incubation import stage_modules
@@ -81,30 +81,26 @@ def test_incubation_under_ddp_all_reduces_the_gradients_of_the_stage_being_train
              "incubation_steps": 1}
     method = get_method("sd_distill")(recipe(tmp_path, "ddp", "sd_distill", model, max_steps=3))
     student = method.build_model()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        wrapped = DistributedDataParallel(student, find_unused_parameters=method.find_unused_parameters)
-        reduced = []
+    wrapped = DistributedDataParallel(student, find_unused_parameters=method.find_unused_parameters)
+    reduced = []
 
-        def record(_, bucket):
-            reduced.extend(zip(bucket.parameters(), bucket.gradients(), strict=True))
-            future = torch.futures.Future()
-            future.set_result(bucket.buffer())
-            return future
+    def record(_, bucket):
+        reduced.extend(zip(bucket.parameters(), bucket.gradients(), strict=True))
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
 
-        wrapped.register_comm_hook(None, record)
-        images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-        for stage in (0, 1):  # incubation steps 0 and 1 train stages 0 and 1
-            reduced.clear()
-            student.zero_grad(set_to_none=True)
-            loss, scalars = method.training_step(wrapped, (images, labels))
-            loss.backward()
-            assert scalars["incubation_stage"] == stage
-            trained = {id(p) for m in stage_modules(student.unet, stage) for p in m.parameters()}
-            synced = {id(p): g for p, g in reduced if g.abs().sum() > 0}
-            assert trained and set(synced) == trained, "the stage's gradients were not all-reduced by DDP"
-    finally:
-        dist.destroy_process_group()
+    wrapped.register_comm_hook(None, record)
+    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    for stage in (0, 1):  # incubation steps 0 and 1 train stages 0 and 1
+        reduced.clear()
+        student.zero_grad(set_to_none=True)
+        loss, scalars = method.training_step(wrapped, (images, labels))
+        loss.backward()
+        assert scalars["incubation_stage"] == stage
+        trained = {id(p) for m in stage_modules(student.unet, stage) for p in m.parameters()}
+        synced = {id(p): g for p, g in reduced if g.abs().sum() > 0}
+        assert trained and set(synced) == trained, "the stage's gradients were not all-reduced by DDP"
 
 
 def test_shipped_digits_recipes_build_the_documented_teacher_and_students(tmp_path):
