@@ -2,7 +2,8 @@
 
 A run directory's `recipe.yaml` must keep describing the run. So `--resume` compares the
 recipe it is given with the one the run recorded, key by key (dotted, the free-form `model:`
-section included), before any work:
+section included), before any work. A key the recorded recipe lacks, because it was written before
+that setting existed, counts at its default (the recorded recipe is read as a recipe first):
 - a change to a key that alters the run's result (data, model, optimisation, seed, sampling,
   evaluation) is refused, naming every such key with its old and new value;
 - a change to one of `HARMLESS` (how long to train, how often to log and checkpoint, how many
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genforge.config import ConfigError, Recipe, read_yaml, recipe_to_dict, setting_differences
+from genforge.config import ConfigError, Recipe, read_yaml, recipe_from_dict, recipe_to_dict, setting_differences
 
 __all__ = ["HARMLESS", "check_resume_settings", "record_resume"]
 
@@ -47,6 +48,10 @@ def check_resume_settings(run_dir, recipe: Recipe) -> dict[str, list]:
     saved = read_yaml(saved_file)
     if not isinstance(saved, dict):
         raise ConfigError(f"{saved_file}: not a recipe mapping; cannot check the resumed settings")
+    try:
+        saved = recipe_to_dict(recipe_from_dict(saved, str(saved_file)))
+    except ConfigError:
+        pass  # a recipe this version no longer reads is compared as it was written
     old, new = _flatten(saved), _flatten(recipe_to_dict(recipe))
     changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k)}

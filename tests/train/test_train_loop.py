@@ -199,6 +199,18 @@ def test_resume_records_the_harmless_changes_it_allows(tmp_path):
     assert "log_every: 1" in (tmp_path / "recipe.yaml").read_text()
 
 
+def test_resume_reads_a_setting_the_recorded_recipe_predates_at_its_default(tmp_path):
+    """A run recorded before a setting existed (here sample.prompts, added later) resumes unchanged."""
+    import yaml
+
+    train(make_recipe(tmp_path, max_steps=2))
+    recorded = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recorded["sample"].pop("prompts") == []
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    assert train(make_recipe(tmp_path, max_steps=3), resume=True).steps == 3
+    assert not (tmp_path / "resumes.jsonl").read_text().count("prompts")
+
+
 @pytest.mark.parametrize("as_file", ["", "checkpoints"])
 def test_an_output_or_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path, as_file):
     out = tmp_path / "run"
