@@ -14,7 +14,10 @@ and continues it. After each budget the run samples class-balanced images with C
 FID on the dataset's judge (digits CNN / MNIST CNN, through torch-fidelity) against the
 training split, and by the judge's agreement with the asked class. The table gives mean +- std
 over seeds and each baseline's FID and agreement relative to DiMR's; a "real test split" row
-gives the floor. Finished stages are skipped when the command is run again.
+gives the floor. Finished stages are skipped when the command is run again, and a stage cut
+short (a session's end) resumes from its last checkpoint (every ``--checkpoint-every`` steps,
+exact resume); its ``wall_seconds`` then counts the last attempt only and ``resumed_from_step``
+says where it began.
 
     python eval/benchmarks/dimr_vs_baselines.py --dataset mnist5k --budgets 10 30 --seeds 0 1 2
 """
@@ -96,20 +99,25 @@ def load_calibration(out: Path, recipes: dict[str, str], rounds: int, steps: int
 
 
 def run_stage(recipe: str, run_dir: Path, seed: int, steps: int, minutes: float, num_samples: int,
-              warmup: int) -> dict:
+              warmup: int, checkpoint_every: int) -> dict:
     """Train (or continue) one run to ``steps`` and keep its metrics as ``metrics_<minutes>min.json``."""
+    from genforge.train.checkpoint import latest_checkpoint
+
     stage = run_dir / f"metrics_{minutes:g}min.json"
     if not stage.is_file():
         command = [sys.executable, "-m", "genforge.train", recipe, "--output-dir", str(run_dir),
                    "--set", f"seed={seed}", "--set", f"train.max_steps={steps}",
-                   "--set", f"train.warmup_steps={warmup}", "--set", f"train.checkpoint_every={steps}",
+                   "--set", f"train.warmup_steps={warmup}",
+                   "--set", f"train.checkpoint_every={min(steps, checkpoint_every)}",
                    "--set", f"eval.num_samples={num_samples}", "--auto-resume"]
         run_dir.mkdir(parents=True, exist_ok=True)
+        latest = latest_checkpoint(run_dir)
+        start_step = 0 if latest is None else int(latest.name.removeprefix("step_"))
         start = time.monotonic()
-        with open(run_dir / f"train_{minutes:g}min.log", "w") as log:
+        with open(run_dir / f"train_{minutes:g}min.log", "a") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics.update(steps=steps, wall_seconds=time.monotonic() - start)
+        metrics.update(steps=steps, wall_seconds=time.monotonic() - start, resumed_from_step=start_step)
         write_json(stage, metrics, indent=2)
         shutil.copy(run_dir / "samples_grid.png", run_dir / f"samples_grid_{minutes:g}min.png")
     return json.loads(stage.read_text())
@@ -155,6 +163,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--warmup-steps", type=int, default=50, help="LR warm-up of every run (the same for all)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="steps between checkpoints inside a stage (an interrupted stage resumes from the last)")
     parser.add_argument("--calibration-rounds", type=int, default=5)
     parser.add_argument("--calibration-steps", type=int, default=3)
     parser.add_argument("--out", help="default runs/bench_dimr_vs_baselines_<dataset>")
@@ -174,7 +184,8 @@ def main() -> None:
             for name, path in recipes.items():
                 runs[name].append(run_stage(path, out / f"{_key(name)}_seed{seed}", seed,
                                             max(1, round(minutes * 60 / seconds[name])), minutes,
-                                            args.num_samples, args.warmup_steps))
+                                            args.num_samples, args.warmup_steps,
+                                            args.checkpoint_every))
         results[minutes] = runs
     reference = real_reference(recipes["DiMR"], args.num_samples)
     write_json(out / "results.json", {"runs": {f"{m:g}": r for m, r in results.items()}, "real": reference,
