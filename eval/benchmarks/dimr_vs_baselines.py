@@ -101,7 +101,7 @@ def load_calibration(out: Path, recipes: dict[str, str], rounds: int, steps: int
 def run_stage(recipe: str, run_dir: Path, seed: int, steps: int, minutes: float, num_samples: int,
               warmup: int, checkpoint_every: int) -> dict:
     """Train (or continue) one run to ``steps`` and keep its metrics as ``metrics_<minutes>min.json``."""
-    from genforge.train.checkpoint import latest_checkpoint
+    from genforge.train.checkpoint import checkpoint_step, latest_checkpoint
 
     stage = run_dir / f"metrics_{minutes:g}min.json"
     if not stage.is_file():
@@ -112,7 +112,7 @@ def run_stage(recipe: str, run_dir: Path, seed: int, steps: int, minutes: float,
                    "--set", f"eval.num_samples={num_samples}", "--auto-resume"]
         run_dir.mkdir(parents=True, exist_ok=True)
         latest = latest_checkpoint(run_dir)
-        start_step = 0 if latest is None else int(latest.name.removeprefix("step_"))
+        start_step = 0 if latest is None else checkpoint_step(latest)
         start = time.monotonic()
         with open(run_dir / f"train_{minutes:g}min.log", "a") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)

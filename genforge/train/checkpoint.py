@@ -39,8 +39,8 @@ from safetensors import safe_open
 
 from genforge.core.errors import one_line
 
-__all__ = ["CheckpointError", "checkpoints_root", "list_checkpoints", "latest_checkpoint",
-           "save_checkpoint", "load_checkpoint", "resume_latest"]
+__all__ = ["CheckpointError", "checkpoints_root", "checkpoint_step", "list_checkpoints",
+           "latest_checkpoint", "save_checkpoint", "load_checkpoint", "resume_latest"]
 
 _FORMAT = 2
 _NAME = re.compile(r"^step_(\d{7})$")
@@ -57,13 +57,21 @@ def checkpoints_root(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_step(path) -> int:
+    """The training step a checkpoint directory `step_{N:07d}` was written at."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step_0000042)")
+    return int(match.group(1))
+
+
 def list_checkpoints(output_dir) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(output_dir) -> Path | None:

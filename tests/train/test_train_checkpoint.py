@@ -63,6 +63,16 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in (1, 2, 3, 4):
         save(tmp_path, step, state, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+    assert [ckpt.checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_checkpoints_sort_by_step_and_other_names_are_not_steps(tmp_path):
+    root = ckpt.checkpoints_root(tmp_path)
+    for name in ("step_0000100", "step_0000020", "step_20", "notes"):
+        (root / name).mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000020", "step_0000100"]
+    with pytest.raises(CheckpointError, match="step_20 is not a checkpoint directory"):
+        ckpt.checkpoint_step(root / "step_20")
 
 
 def test_a_write_that_dies_midway_leaves_no_checkpoint_under_the_final_name(tmp_path, monkeypatch):
